@@ -1,0 +1,13 @@
+"""Lumina Turbo: faster sampling, LoRA training and loaders for Lumina-Image-2.0 and Z-Image."""
+
+WEB_DIRECTORY = "./web"
+
+
+async def comfy_entrypoint():
+    # Imported here so that samplers/ and losses/ stay importable without ComfyUI.
+    from .nodes import LuminaTurboExtension
+
+    return LuminaTurboExtension()
+
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
