@@ -1,0 +1,92 @@
+"""Text encoders of the Lumina family as ComfyUI CLIP objects, at any size.
+
+Lumina-Image-2.0 uses Gemma-2 (hidden state of layer -2, BOS added); Z-Image uses Qwen3 (layer
+-2, chat template). ComfyUI 0.3.75 has both classes but hard-codes the 2B/4B sizes; its
+``<model_name>_model_config`` model option overrides them, so we read the sizes from the tensors
+and hand them over. Only ``head_dim`` is a class constant there (Gemma-2: 256, Qwen3: 128).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import ModelFileError
+from .safetensors_io import load_folder_state_dict
+
+# family -> (ComfyUI model name, head_dim fixed by ComfyUI's config class)
+TEXT_ENCODERS = {"gemma2": ("gemma2_2b", 256), "qwen3": ("qwen3_4b", 128)}
+
+
+def detect_text_encoder(sd: dict[str, torch.Tensor], source: str) -> str:
+    if "model.layers.0.post_feedforward_layernorm.weight" in sd and "model.layers.0.self_attn.q_norm.weight" not in sd:
+        return "gemma2"
+    if "model.layers.0.self_attn.q_norm.weight" in sd and "model.layers.0.post_attention_layernorm.weight" in sd:
+        return "qwen3"
+    raise ModelFileError(source, "a Gemma-2 (Lumina-Image-2.0) or Qwen3 (Z-Image) text encoder "
+                         "with HF key names (model.layers.N.self_attn...)")
+
+
+def text_encoder_config(sd: dict[str, torch.Tensor], kind: str, source: str, hf_config: dict | None = None) -> dict:
+    """ComfyUI config overrides read from the tensor shapes (and config.json where shapes can't tell)."""
+    _, head_dim = TEXT_ENCODERS[kind]
+    embed = sd["model.embed_tokens.weight"]
+    q = sd["model.layers.0.self_attn.q_proj.weight"]
+    k = sd["model.layers.0.self_attn.k_proj.weight"]
+    if kind == "qwen3" and sd["model.layers.0.self_attn.q_norm.weight"].shape[0] != head_dim:
+        raise ModelFileError(source, f"Qwen3 head_dim {head_dim} (ComfyUI's Qwen3 class fixes it), "
+                             f"got q_norm of size {sd['model.layers.0.self_attn.q_norm.weight'].shape[0]}")
+    if hf_config and hf_config.get("head_dim", head_dim) != head_dim:
+        raise ModelFileError(source, f"head_dim {head_dim} (fixed by ComfyUI's {kind} class), config.json says {hf_config['head_dim']}")
+    if q.shape[0] % head_dim or k.shape[0] % head_dim:
+        raise ModelFileError(source, f"q/k projections in multiples of head_dim {head_dim}, got {tuple(q.shape)} / {tuple(k.shape)}")
+    n_layers = 1 + max(int(key.split(".")[2]) for key in sd if key.startswith("model.layers."))
+    config = {
+        "vocab_size": embed.shape[0],
+        "hidden_size": embed.shape[1],
+        "intermediate_size": sd["model.layers.0.mlp.gate_proj.weight"].shape[0],
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": q.shape[0] // head_dim,
+        "num_key_value_heads": k.shape[0] // head_dim,
+    }
+    for key in ("rope_theta", "rms_norm_eps", "max_position_embeddings"):
+        if hf_config and key in hf_config:
+            config[key] = hf_config[key]
+    return config
+
+
+def clip_from_state_dict(sd: dict[str, torch.Tensor], source: str, hf_config: dict | None = None):
+    """A ComfyUI CLIP (tokenizer + encoder) from an HF-keyed state dict (``model.`` prefix)."""
+    import comfy.sd
+
+    kind = detect_text_encoder(sd, source)
+    model_name, _ = TEXT_ENCODERS[kind]
+    if kind == "gemma2" and "spiece_model" not in sd:
+        raise ModelFileError(source, "the Gemma SentencePiece tokenizer (tokenizer/tokenizer.model in a "
+                             "diffusers folder, or a 'spiece_model' tensor in a single file)")
+    options = {f"{model_name}_model_config": text_encoder_config(sd, kind, source, hf_config)}
+    return comfy.sd.load_text_encoder_state_dicts(
+        [sd], clip_type=comfy.sd.CLIPType.LUMINA2, model_options=options
+    )
+
+
+def clip_from_diffusers_folder(folder: Path):
+    """``text_encoder/`` (HF model, possibly sharded) + ``tokenizer/`` of a diffusers folder."""
+    folder = Path(folder)
+    te_dir = folder / "text_encoder"
+    config_path = te_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelFileError(config_path, "the text encoder's config.json")
+    hf_config = json.loads(config_path.read_text())
+    raw = load_folder_state_dict(te_dir)
+    sd = {k if k.startswith("model.") else f"model.{k}": v for k, v in raw.items() if not k.startswith("lm_head.")}
+    if detect_text_encoder(sd, str(te_dir)) == "gemma2":
+        spm_path = folder / "tokenizer" / "tokenizer.model"
+        if not spm_path.is_file():
+            raise ModelFileError(spm_path, "Gemma's SentencePiece model (ComfyUI's Gemma tokenizer needs it)")
+        sd["spiece_model"] = torch.frombuffer(bytearray(spm_path.read_bytes()), dtype=torch.uint8)
+    elif not (folder / "tokenizer").is_dir():
+        raise ModelFileError(folder / "tokenizer", "the tokenizer folder")
+    return clip_from_state_dict(sd, str(te_dir), hf_config)
