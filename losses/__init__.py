@@ -1,0 +1,19 @@
+"""Pure-torch losses, loss weighting and timestep sampling for the AC-RF LoRA trainer (no ComfyUI import).
+
+Time convention everywhere: ComfyUI sigma (1 = noise, 0 = data), x_sigma = (1 - sigma) x0 + sigma eps,
+target velocity v = eps - x0; Lumina t = 1 - sigma; diffusers timestep = 1000 sigma.
+"""
+
+from .common import noisy_latent, reduce_loss, velocity_target, x0_from_velocity
+from .modes import LOSS_MODES, flow_loss, loss_mode_defaults, resolve_loss_params
+
+__all__ = [
+    "LOSS_MODES",
+    "flow_loss",
+    "loss_mode_defaults",
+    "noisy_latent",
+    "reduce_loss",
+    "resolve_loss_params",
+    "velocity_target",
+    "x0_from_velocity",
+]
