@@ -6,18 +6,32 @@ target velocity v = eps - x0; Lumina t = 1 - sigma; diffusers timestep = 1000 si
 
 from .common import noisy_latent, reduce_loss, velocity_target, x0_from_velocity
 from .modes import LOSS_MODES, flow_loss, loss_mode_defaults, resolve_loss_params
+from .timesteps import (
+    TIMESTEP_METHODS,
+    sample_anchor_sigmas,
+    sample_shifted_sigmoid_sigmas,
+    sample_training_sigmas,
+    sample_uniform_sigmas,
+    training_anchor_sigmas,
+)
 from .weighting import MIN_SNR_FORMS, min_snr_weight, snr_from_sigma
 
 __all__ = [
     "LOSS_MODES",
     "MIN_SNR_FORMS",
+    "TIMESTEP_METHODS",
     "flow_loss",
     "loss_mode_defaults",
     "min_snr_weight",
     "noisy_latent",
     "reduce_loss",
     "resolve_loss_params",
+    "sample_anchor_sigmas",
+    "sample_shifted_sigmoid_sigmas",
+    "sample_training_sigmas",
+    "sample_uniform_sigmas",
     "snr_from_sigma",
+    "training_anchor_sigmas",
     "velocity_target",
     "x0_from_velocity",
 ]
