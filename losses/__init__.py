@@ -5,6 +5,7 @@ target velocity v = eps - x0; Lumina t = 1 - sigma; diffusers timestep = 1000 si
 """
 
 from .common import noisy_latent, reduce_loss, velocity_target, x0_from_velocity
+from .curvature import curvature_neighbour_sigmas, curvature_penalty, default_curvature_step
 from .modes import LOSS_MODES, flow_loss, loss_mode_defaults, resolve_loss_params
 from .timesteps import (
     TIMESTEP_METHODS,
@@ -20,6 +21,9 @@ __all__ = [
     "LOSS_MODES",
     "MIN_SNR_FORMS",
     "TIMESTEP_METHODS",
+    "curvature_neighbour_sigmas",
+    "curvature_penalty",
+    "default_curvature_step",
     "flow_loss",
     "loss_mode_defaults",
     "min_snr_weight",
