@@ -1,0 +1,215 @@
+"""Rename diffusers Lumina-Image-2.0 / Z-Image transformer weights to ComfyUI's NextDiT names.
+
+Pure Python + torch (no ComfyUI import), so it also runs in converters and tests.
+
+Families
+--------
+``"lumina2"``  diffusers ``Lumina2Transformer2DModel`` (``attn.to_q``, ``feed_forward.linear_1``,
+               ``norm1.linear``, ``time_caption_embed.*``, ``norm_out.*``). Inverse of diffusers'
+               ``single_file_utils.convert_lumina2_to_diffusers``, but sized from the tensors, not
+               from the hard-coded 2304/768/768 split.
+``"zimage"``   diffusers ``ZImageTransformer2DModel`` (``attention.to_q``, ``all_x_embedder.2-1``,
+               ``all_final_layer.2-1``). Inverse of ComfyUI's ``comfy.utils.z_image_to_diffusers``.
+
+q/k/v are concatenated along dim 0 into ComfyUI's fused ``attention.qkv`` in the order NextDiT
+splits it (q rows, then k rows, then v rows). Each part keeps its own row count, so grouped-query
+attention (k/v narrower than q) comes out right at any size.
+
+``norm_final.weight`` exists in ComfyUI's NextDiT (and in the original checkpoints) but is never used
+by its forward pass; diffusers drops it. :func:`diffusers_to_comfy` adds it as ones so ComfyUI can
+load the result strictly.
+
+Time and sign conventions (checked against the diffusers pipelines and ComfyUI's NextDiT)
+---------------------------------------------------------------------------------------
+ComfyUI sigma: 1 = pure noise. ComfyUI's ``NextDiT.forward(x, timesteps=sigma, ...)`` computes
+``t = 1 - sigma`` itself and returns ``-x``. So for both families, with ``model`` the diffusers
+transformer::
+
+    comfy_diffusion_model(x, sigma, context, num_tokens) == -model(x, t=1 - sigma, ...)
+
+- Lumina-2: ``Lumina2Pipeline`` calls ``transformer(timestep=1 - t_diffusers / 1000)`` (= 1 - sigma)
+  and negates the output before ``FlowMatchEulerDiscreteScheduler.step``.
+- Z-Image: ``ZImagePipeline`` calls ``transformer(x_list, (1000 - t_diffusers) / 1000, cap_list)``
+  (= 1 - sigma; the model multiplies by ``t_scale`` = 1000 itself, like ComfyUI's ``time_scale``)
+  and negates the stacked output.
+
+Both negated outputs are the flow velocity ``noise - x0`` that ComfyUI's CONST model sampling expects,
+so ``BaseModel.apply_model(x, sigma, ...)`` returns ``x - sigma * velocity``.
+"""
+
+import torch
+
+LUMINA2 = "lumina2"
+ZIMAGE = "zimage"
+FAMILIES = (LUMINA2, ZIMAGE)
+
+# Whole-key renames outside the transformer blocks.
+_LUMINA2_TOP = {
+    "x_embedder.weight": "x_embedder.weight",
+    "x_embedder.bias": "x_embedder.bias",
+    "time_caption_embed.timestep_embedder.linear_1.weight": "t_embedder.mlp.0.weight",
+    "time_caption_embed.timestep_embedder.linear_1.bias": "t_embedder.mlp.0.bias",
+    "time_caption_embed.timestep_embedder.linear_2.weight": "t_embedder.mlp.2.weight",
+    "time_caption_embed.timestep_embedder.linear_2.bias": "t_embedder.mlp.2.bias",
+    "time_caption_embed.caption_embedder.0.weight": "cap_embedder.0.weight",
+    "time_caption_embed.caption_embedder.1.weight": "cap_embedder.1.weight",
+    "time_caption_embed.caption_embedder.1.bias": "cap_embedder.1.bias",
+    "norm_out.linear_1.weight": "final_layer.adaLN_modulation.1.weight",
+    "norm_out.linear_1.bias": "final_layer.adaLN_modulation.1.bias",
+    "norm_out.linear_2.weight": "final_layer.linear.weight",
+    "norm_out.linear_2.bias": "final_layer.linear.bias",
+}
+
+# Renames of the part after "<stack>.<i>." inside a block.
+_LUMINA2_BLOCK = {
+    "attn.to_out.0.weight": "attention.out.weight",
+    "attn.norm_q.weight": "attention.q_norm.weight",
+    "attn.norm_k.weight": "attention.k_norm.weight",
+    "feed_forward.linear_1.weight": "feed_forward.w1.weight",
+    "feed_forward.linear_2.weight": "feed_forward.w2.weight",
+    "feed_forward.linear_3.weight": "feed_forward.w3.weight",
+    "norm1.linear.weight": "adaLN_modulation.1.weight",  # modulated blocks: SiLU is index 0
+    "norm1.linear.bias": "adaLN_modulation.1.bias",
+    "norm1.norm.weight": "attention_norm1.weight",  # modulated blocks
+    "norm1.weight": "attention_norm1.weight",  # context refiner (no modulation)
+    "norm2.weight": "attention_norm2.weight",
+    "ffn_norm1.weight": "ffn_norm1.weight",
+    "ffn_norm2.weight": "ffn_norm2.weight",
+}
+_LUMINA2_QKV = ("attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight")
+
+_ZIMAGE_TOP = {
+    "all_x_embedder.2-1.weight": "x_embedder.weight",
+    "all_x_embedder.2-1.bias": "x_embedder.bias",
+    "all_final_layer.2-1.linear.weight": "final_layer.linear.weight",
+    "all_final_layer.2-1.linear.bias": "final_layer.linear.bias",
+    "all_final_layer.2-1.adaLN_modulation.1.weight": "final_layer.adaLN_modulation.1.weight",
+    "all_final_layer.2-1.adaLN_modulation.1.bias": "final_layer.adaLN_modulation.1.bias",
+    "t_embedder.mlp.0.weight": "t_embedder.mlp.0.weight",
+    "t_embedder.mlp.0.bias": "t_embedder.mlp.0.bias",
+    "t_embedder.mlp.2.weight": "t_embedder.mlp.2.weight",
+    "t_embedder.mlp.2.bias": "t_embedder.mlp.2.bias",
+    "cap_embedder.0.weight": "cap_embedder.0.weight",
+    "cap_embedder.1.weight": "cap_embedder.1.weight",
+    "cap_embedder.1.bias": "cap_embedder.1.bias",
+    "x_pad_token": "x_pad_token",
+    "cap_pad_token": "cap_pad_token",
+}
+_ZIMAGE_BLOCK = {
+    "attention.to_out.0.weight": "attention.out.weight",
+    "attention.norm_q.weight": "attention.q_norm.weight",
+    "attention.norm_k.weight": "attention.k_norm.weight",
+    "feed_forward.w1.weight": "feed_forward.w1.weight",
+    "feed_forward.w2.weight": "feed_forward.w2.weight",
+    "feed_forward.w3.weight": "feed_forward.w3.weight",
+    "adaLN_modulation.0.weight": "adaLN_modulation.0.weight",
+    "adaLN_modulation.0.bias": "adaLN_modulation.0.bias",
+    "attention_norm1.weight": "attention_norm1.weight",
+    "attention_norm2.weight": "attention_norm2.weight",
+    "ffn_norm1.weight": "ffn_norm1.weight",
+    "ffn_norm2.weight": "ffn_norm2.weight",
+}
+_ZIMAGE_QKV = ("attention.to_q.weight", "attention.to_k.weight", "attention.to_v.weight")
+
+_TABLES = {
+    LUMINA2: (_LUMINA2_TOP, _LUMINA2_BLOCK, _LUMINA2_QKV),
+    ZIMAGE: (_ZIMAGE_TOP, _ZIMAGE_BLOCK, _ZIMAGE_QKV),
+}
+_BLOCK_STACKS = ("layers", "noise_refiner", "context_refiner")
+_QKV_COMFY = "attention.qkv.weight"
+
+
+def detect_diffusers_family(state_dict):
+    """Return ``"lumina2"`` or ``"zimage"`` for a diffusers transformer state dict, else raise ValueError."""
+    if "time_caption_embed.caption_embedder.1.weight" in state_dict:
+        return LUMINA2
+    if "all_x_embedder.2-1.weight" in state_dict:
+        return ZIMAGE
+    if any(k.startswith("all_x_embedder.") for k in state_dict):
+        raise ValueError(
+            "state_dict: this Z-Image transformer has no 2x2 patch embedder ('all_x_embedder.2-1'); "
+            "ComfyUI's NextDiT supports only patch size 2 with frame patch 1."
+        )
+    raise ValueError(
+        "state_dict: not a diffusers Lumina-Image-2.0 or Z-Image transformer (expected "
+        "'time_caption_embed.caption_embedder.1.weight' or 'all_x_embedder.2-1.weight'); "
+        f"first keys: {sorted(state_dict)[:5]}"
+    )
+
+
+def is_comfy_nextdit(state_dict):
+    """True when the keys already use ComfyUI's NextDiT names (no prefix)."""
+    return "cap_embedder.1.weight" in state_dict and any(k.endswith(_QKV_COMFY) for k in state_dict)
+
+
+def _split_block_key(key):
+    """'layers.3.attn.to_q.weight' -> ('layers.3.', 'attn.to_q.weight'); None outside the block stacks."""
+    parts = key.split(".", 2)
+    if len(parts) == 3 and parts[0] in _BLOCK_STACKS and parts[1].isdigit():
+        return f"{parts[0]}.{parts[1]}.", parts[2]
+    return None
+
+
+def diffusers_to_comfy(state_dict, family=None, add_unused_norm_final=True):
+    """Convert a diffusers Lumina-2 / Z-Image transformer state dict to ComfyUI NextDiT keys.
+
+    Args:
+        state_dict: mapping of diffusers key -> tensor (not modified; tensors are shared, only
+            the fused qkv is a new tensor).
+        family: ``"lumina2"``, ``"zimage"`` or None to detect it from the keys.
+        add_unused_norm_final: add ComfyUI's unused ``norm_final.weight`` (ones) for strict loading.
+
+    Returns:
+        dict of ComfyUI key -> tensor. Every input key is used exactly once; an unknown key, or a
+        block without all of to_q/to_k/to_v, raises ValueError naming it.
+    """
+    if family is None:
+        family = detect_diffusers_family(state_dict)
+    if family not in _TABLES:
+        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
+    top, block, qkv_names = _TABLES[family]
+
+    out = {}
+    qkv_parts = {}  # block prefix -> {diffusers qkv name: tensor}
+    unknown = []
+    for key, tensor in state_dict.items():
+        if key in top:
+            out[top[key]] = tensor
+            continue
+        split = _split_block_key(key)
+        if split is None:
+            unknown.append(key)
+            continue
+        prefix, rest = split
+        if rest in qkv_names:
+            qkv_parts.setdefault(prefix, {})[rest] = tensor
+        elif rest in block:
+            out[prefix + block[rest]] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"state_dict: {len(unknown)} key(s) are not part of a diffusers {family} transformer "
+            f"that ComfyUI's NextDiT can hold, e.g. {sorted(unknown)[:5]}"
+        )
+
+    for prefix, parts in qkv_parts.items():
+        missing = [name for name in qkv_names if name not in parts]
+        if missing:
+            raise ValueError(
+                f"state_dict: {prefix}{missing[0]} is missing (needed to build {prefix}{_QKV_COMFY})"
+            )
+        q, k, v = (parts[name] for name in qkv_names)
+        if not (q.shape[1:] == k.shape[1:] == v.shape[1:]) or k.shape != v.shape:
+            raise ValueError(
+                f"state_dict: {prefix}q/k/v shapes do not fit one attention: "
+                f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (expected k == v and equal input width)"
+            )
+        out[prefix + _QKV_COMFY] = torch.cat((q, k, v), dim=0)
+
+    if add_unused_norm_final and "norm_final.weight" not in out:
+        ref = out.get("cap_embedder.1.weight")
+        if ref is None:
+            raise ValueError("state_dict: the caption embedder weight is missing (cannot size norm_final)")
+        out["norm_final.weight"] = torch.ones(ref.shape[0], dtype=ref.dtype, device=ref.device)
+    return out
