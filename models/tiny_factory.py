@@ -21,6 +21,8 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -101,9 +103,9 @@ def gemma_spiece_model(vocab_size: int = 512, seed: int = 0) -> bytes:
 
 def comfy_qwen_tokenizer_dir() -> Path:
     """The Qwen tokenizer that ComfyUI ships (the one its Z-Image text encoder uses)."""
-    import comfy.text_encoders
+    import comfy.text_encoders.z_image
 
-    return Path(comfy.text_encoders.__file__).parent / "qwen25_tokenizer"
+    return Path(comfy.text_encoders.z_image.__file__).parent / "qwen25_tokenizer"
 
 
 def tiny_vae(seed: int = 0):
@@ -144,8 +146,6 @@ def tiny_pipeline(family: str, seed: int = 0, workdir: Path | None = None):
     Returns ``(pipeline, spiece_model)``; the SentencePiece bytes (Lumina-2 only, else None) are
     what ComfyUI's Gemma tokenizer reads from the text-encoder file.
     """
-    import tempfile
-
     from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, ZImagePipeline
 
     from .tiny_transformers import tiny_lumina2_transformer, tiny_zimage_transformer
@@ -169,10 +169,16 @@ def tiny_pipeline(family: str, seed: int = 0, workdir: Path | None = None):
     return pipe, spiece
 
 
-def write_diffusers_folder(pipe, folder: Path) -> Path:
-    """``save_pretrained`` with the transformer split into several shards (plus its index json)."""
+def write_diffusers_folder(pipe, folder: Path, spiece: bytes | None = None) -> Path:
+    """``save_pretrained`` with the transformer split into several shards (plus its index json).
+
+    Like the released Lumina-Image-2.0 folder, tokenizer/ also holds Gemma's ``tokenizer.model``.
+    """
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
+    if spiece is not None:
+        (folder / "tokenizer" / "tokenizer.model").write_bytes(spiece)
+    shutil.rmtree(folder / "transformer")
     n_bytes = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
     pipe.transformer.save_pretrained(folder / "transformer", safe_serialization=True,
                                      max_shard_size=max(n_bytes // 3, 1))
@@ -186,9 +192,9 @@ def comfy_single_files(pipe, family: str, spiece: bytes | None) -> dict[str, dic
     """ComfyUI-style state dicts: NextDiT keys, HF-native text encoder (+spiece), LDM VAE keys."""
     from comfy.diffusers_convert import convert_vae_state_dict
 
-    from .nextdit_keys import diffusers_to_comfy_nextdit
+    from .nextdit_keys import diffusers_to_comfy
 
-    transformer_sd = diffusers_to_comfy_nextdit(pipe.transformer.state_dict(), family)
+    transformer_sd = diffusers_to_comfy(pipe.transformer.state_dict(), family=family)
     te_sd = {f"model.{k}": v for k, v in pipe.text_encoder.state_dict().items()}
     if spiece is not None:
         te_sd["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
@@ -211,18 +217,21 @@ def write_family(models_dir: Path, family: str, seed: int = 0) -> dict[str, Path
     """Write both layouts of one family under a ComfyUI ``models/`` folder; returns the paths."""
     import safetensors.torch
 
-    models_dir = Path(models_dir)
-    names = file_names(family)
-    pipe, spiece = tiny_pipeline(family, seed, workdir=models_dir / ".tiny-work" / family)
-    paths = {k: models_dir / v for k, v in names.items()}
-    write_diffusers_folder(pipe, paths["diffusers"])
     meta = {"lumina_turbo": "tiny random test model, not trained", "family": family, "seed": str(seed)}
+    models_dir = Path(models_dir)
+    paths = {k: models_dir / v for k, v in file_names(family).items()}
+    with tempfile.TemporaryDirectory(prefix="lt-tiny-") as work:
+        pipe, spiece = tiny_pipeline(family, seed, workdir=Path(work) / "tokenizer")
+        staged = write_diffusers_folder(pipe, Path(work) / "folder", spiece)
+        (staged / "lumina_turbo_tiny.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(paths["diffusers"], ignore_errors=True)
+        paths["diffusers"].parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staged), str(paths["diffusers"]))
     for part, sd in comfy_single_files(pipe, family, spiece).items():
         paths[part].parent.mkdir(parents=True, exist_ok=True)
         tmp = paths[part].with_suffix(".tmp")
         safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
         tmp.replace(paths[part])
-    (paths["diffusers"] / "lumina_turbo_tiny.json").write_text(json.dumps(meta, indent=1))
     return paths
 
 

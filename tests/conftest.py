@@ -1,21 +1,14 @@
-"""Test setup: the repository is importable as the package ``lumina_turbo`` whatever its folder is called."""
+"""Shared fixtures. The repository is importable as ``lumina_turbo``; ComfyUI fixtures live in harness.py."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from pack_import import register_pack  # noqa: E402
 
-def _register_package():
-    if "lumina_turbo" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "lumina_turbo", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lumina_turbo"] = module
-    spec.loader.exec_module(module)
+register_pack()
 
-
-_register_package()
+from harness import comfy_host, comfy_server, tiny_models  # noqa: E402, F401

@@ -1,0 +1,43 @@
+"""Write the tiny random demo/test models under a ComfyUI models/ folder (default: .comfyui/models).
+
+Skips the work when the files were written by the same factory code (a stamp of its sources).
+Usage: python scripts/install_tiny_models.py [MODELS_DIR]
+"""
+
+import hashlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pack_import import REPO, register_pack  # noqa: E402
+
+FACTORY_SOURCES = ["models/tiny_factory.py", "models/tiny_transformers.py", "models/nextdit_keys.py"]
+
+
+def factory_stamp() -> str:
+    digest = hashlib.sha256()
+    for name in FACTORY_SOURCES:
+        digest.update((REPO / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def install(models_dir: Path) -> Path:
+    stamp_file = models_dir / ".tiny-random-models"
+    stamp = factory_stamp()
+    if stamp_file.is_file() and stamp_file.read_text() == stamp:
+        return models_dir
+    sys.path.insert(0, str(REPO / "tests"))
+    from comfy_host import bootstrap
+
+    bootstrap()
+    register_pack()
+    from lumina_turbo.models.tiny_factory import write_all
+
+    print(f"[tiny models] writing tiny-random-* models into {models_dir}", flush=True)
+    write_all(models_dir)
+    stamp_file.write_text(stamp)
+    return models_dir
+
+
+if __name__ == "__main__":
+    install(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / ".comfyui" / "models")
