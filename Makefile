@@ -27,4 +27,4 @@ demo: tiny-models
 	$(PY) scripts/run_demo.py
 
 bench: tiny-models
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks $(BENCH)

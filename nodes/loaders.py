@@ -98,3 +98,4 @@ class LTModelLoader(io.ComfyNode):
         else:
             vae_model = loading.load_vae_file(folder_paths.get_full_path_or_raise("vae", vae))
         return io.NodeOutput(diffusion_model, clip, vae_model)
+NODES = [LTModelLoader]
