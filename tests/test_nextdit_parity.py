@@ -226,3 +226,10 @@ def test_published_sizes_agree_with_comfy_detection(config):
     nextdit_config.validate_unet_config(from_json, state_dict)
     detected = comfy.model_detection.detect_unet_config(state_dict, "")
     assert {k: from_json[k] for k in detected} == detected
+
+
+def test_overrides_fill_only_what_tensors_cannot_tell(family):
+    config = nextdit_config.unet_config_from_state_dict(family.comfy_sd, overrides={"rope_theta": 500.0})
+    assert config == {**family.unet_config, "rope_theta": 500.0}
+    with pytest.raises(ValueError, match="can be read from the tensors"):
+        nextdit_config.unet_config_from_state_dict(family.comfy_sd, overrides={"n_heads": 2})
