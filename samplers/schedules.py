@@ -13,7 +13,7 @@ import torch
 
 ANCHOR_CONVENTIONS = ("zimage", "diffusers")
 # Defaults chosen on benchmarks/exact_flow.py (see sigmoid_sigmas' docstring).
-SIGMOID_DEFAULT_SLOPE = 3.0
+SIGMOID_DEFAULT_SLOPE = 2.0
 SIGMOID_DEFAULT_CENTER = 0.5
 _DIFFUSERS_TRAIN_TIMESTEPS = 1000
 
@@ -191,10 +191,13 @@ def sigmoid_sigmas(
     If ``shift`` is given, ``time_shift(sigma, shift)`` is applied afterwards (e.g. a model's own
     shift: 3 for Z-Image, 6 for Lumina-Image-2.0); endpoints stay exact.
 
-    Defaults (slope 3.0, center 0.5) come from benchmarks/exact_flow.py, the Gaussian-mixture
-    flow with a closed-form velocity: with the flow midpoint and Euler samplers at 4-16 steps they
-    reduced the terminal error against the exact ODE solution relative to the uniform schedule, and
-    stayed close to the best slope on every mixture tried; much steeper slopes starve the middle.
+    Defaults (slope 2.0, center 0.5) come from benchmarks/exact_flow.py (Gaussian mixtures with a
+    closed-form velocity; 4 mixtures x 4-16 steps x flow midpoint / midpoint with Euler final step /
+    Euler). Relative to the uniform schedule they lowered every measure for every sampler, geometric
+    mean: RMS terminal error x0.98, median error x0.91, sliced W2 to the exact endpoints x0.97.
+    Steeper slopes (4-8) shrink a first-order final step further but cost the midpoint solver up to
+    x1.4 RMS error by starving the middle, where trajectories choose their mode. Those mixtures are
+    low-dimensional and need no shift; image models at high resolution do (pass their shift).
 
     ``denoise`` < 1 works like ComfyUI's BasicScheduler (build ``int(steps / denoise)`` steps and keep
     the last ``steps + 1``); 0 returns an empty tensor. Raises ValueError for steps < 1, slope < 0,
