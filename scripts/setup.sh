@@ -68,4 +68,16 @@ if [ "$(readlink "$link" 2>/dev/null)" != "$REPO" ]; then
   rm -rf "$link"
   ln -s "$REPO" "$link"
 fi
+# 5. headless Chromium for the browser tests (Debian's package; playwright drives it, never downloads one)
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing Debian's chromium for the browser tests"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
+      log "WARNING: apt-get could not install chromium: the browser tests will be skipped"
+    fi
+  else
+    log "WARNING: /usr/bin/chromium is missing and this is not root: the browser tests will be skipped" \
+        "(install Debian's 'chromium' package to run them)"
+  fi
+fi
 log "ready: .venv (Python 3.11) and ComfyUI $HOST_VERSION in .comfyui/"
