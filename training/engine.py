@@ -1,0 +1,380 @@
+"""The training loop shared by LTLoraTrainer and the command line.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches. Micro-batch ``m`` (counted over the
+whole run) is batch ``m mod n`` of epoch ``m div n`` of the dataset's bucketed order, so the data needs
+no saved state; every random draw (sigmas, anchors, jitter, noise, caption dropout, replay) comes from
+the trainer's own CPU ``torch.Generator``, whose state is checkpointed. Hence an interrupted run resumes
+bit-exactly on the same device.
+
+Each sample trains against its own caption: a micro-batch is split into groups of equal latent size
+and caption length, and each group is one forward pass of exactly those samples (ComfyUI's
+TrainLoraNode instead evaluates every caption on every latent and averages, for batch > 1).
+
+Loss (per sample, velocity space, ComfyUI sigma 1 = noise):
+    L_b = w_b * flow_loss_b + curvature_weight * curvature_b,   w_b = Min-SNR weight (1 when off)
+objective = mean_b L_b (reduce_loss), divided by the accumulation count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..losses import (
+    HardSampleReplay,
+    curvature_neighbour_sigmas,
+    curvature_penalty,
+    default_curvature_step,
+    flow_loss,
+    min_snr_weight,
+    noisy_latent,
+    reduce_loss,
+    resolve_loss_params,
+    sample_anchor_sigmas,
+    sample_shifted_sigmoid_sigmas,
+    sample_uniform_sigmas,
+    training_anchor_sigmas,
+    velocity_target,
+)
+from . import checkpoint as ckpt
+from . import lora, model_patch, optim
+from .cache import state_dict_fingerprint
+from .config import TrainConfig, run_identity
+from .dataset import CachedDataset
+
+log = logging.getLogger("lumina_turbo.training")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN/inf; the message names the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    lora: lora.TrainedLora
+    loss_history: list[float]
+    lr_history: list[float]
+    steps: int
+    resumed_from: int
+    checkpoint: Path | None
+
+
+@dataclass
+class Sample:
+    index: int  # dataset item
+    sigma: float
+    drop_caption: bool = False
+
+
+@dataclass
+class Prepared:
+    sample: Sample
+    x0: torch.Tensor  # [1, C, h, w], model latent space (process_latent_in)
+    noise: torch.Tensor
+    jitter: torch.Tensor | None
+    cond: torch.Tensor  # [1, L, D], this sample's own caption (or the empty one)
+
+
+def total_steps(config: TrainConfig, dataset: CachedDataset) -> int:
+    """Optimizer steps of the run: from num_train_epochs when set, else max_train_steps."""
+    if config.num_train_epochs > 0:
+        micro = config.num_train_epochs * dataset.batches_per_epoch(config.batch_size)
+        return max(1, math.ceil(micro / config.gradient_accumulation_steps))
+    return config.max_train_steps
+
+
+class LoraTrainer:
+    def __init__(self, config: TrainConfig, model, dataset: CachedDataset, *, run_dir=None,
+                 on_step: Callable[[int, int, float, float], None] | None = None,
+                 check_interrupt: Callable[[], None] | None = None):
+        self.config, self.model, self.dataset = config, model, dataset
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.on_step = on_step
+        self.check_interrupt = check_interrupt or (lambda: None)
+        self.total = total_steps(config, dataset)
+        self.loss_params = resolve_loss_params(config.loss_mode, config.loss_params)
+        self.anchors = training_anchor_sigmas(config.turbo_steps, config.shift, convention=config.anchor_convention)
+        self.curvature_step = config.curvature_step or (
+            default_curvature_step(self.anchors) if len(self.anchors) > 1 else 0.1)
+        self.curvature_step = min(self.curvature_step, 0.2495)
+        diffusion_model = model.model.diffusion_model
+        targets = lora.select_targets(diffusion_model, attention=config.train_attention, ffn=config.train_ffn,
+                                      adaln=config.train_adaln, refiners=config.train_refiners)
+        self.adapters = lora.create_adapters(diffusion_model, targets, config.network_dim, config.network_alpha,
+                                             config.seed)
+        self.params = [p for a in self.adapters.values() for p in a.parameters()]
+        self.optimizer = optim.make_optimizer(config.optimizer_type, self.params, lr=config.learning_rate,
+                                              weight_decay=config.weight_decay)
+        self.scheduler = optim.make_scheduler(self.optimizer, schedule=config.lr_scheduler, total_steps=self.total,
+                                              warmup_steps=config.lr_warmup_steps, num_cycles=config.lr_num_cycles)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.replay = HardSampleReplay(config.replay_capacity, config.replay_ratio, config.replay_min_entries)
+        self.step = 0
+        self.loss_history: list[float] = []
+        self.lr_history: list[float] = []
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self._phase = "idle"  # idle | accumulating | updating
+        self._snapshot: dict | None = None
+        self.identity = {**run_identity(config), "dataset": dataset.key,
+                         "model": state_dict_fingerprint(diffusion_model.state_dict(),
+                                                         sorted(getattr(model, "patches", {})))}
+
+    # ----- state ---------------------------------------------------------------------------------
+    def _state(self, *, from_snapshot: bool) -> dict:
+        source = self._snapshot if from_snapshot else {"generator": self.generator.get_state(),
+                                                       "replay": self.replay.state_dict()}
+        return {
+            "identity": self.identity, "step": self.step, "total": self.total,
+            "lora": lora.lora_state_dict(self.adapters), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "generator": source["generator"], "replay": source["replay"],
+            "loss_history": list(self.loss_history), "lr_history": list(self.lr_history),
+        }
+
+    def save(self, *, from_snapshot: bool = False) -> Path | None:
+        if self.run_dir is None:
+            return None
+        path = ckpt.save_checkpoint(self.run_dir, self._state(from_snapshot=from_snapshot))
+        log.info("lumina_turbo: checkpoint at step %d/%d written to %s", self.step, self.total, path)
+        return path
+
+    def try_resume(self) -> int:
+        if self.run_dir is None or not self.config.resume:
+            return 0
+        state = ckpt.load_checkpoint(self.run_dir)
+        if state is None:
+            return 0
+        ckpt.check_identity(state, self.identity, ckpt.checkpoint_path(self.run_dir))
+        lora.load_lora_state(self.adapters, state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.replay.load_state_dict(state["replay"])
+        self.step = int(state["step"])
+        self.loss_history, self.lr_history = list(state["loss_history"]), list(state["lr_history"])
+        log.info("lumina_turbo: resumed from %s at step %d", ckpt.checkpoint_path(self.run_dir), self.step)
+        return self.step
+
+    # ----- data and randomness -------------------------------------------------------------------
+    def _batch_items(self, micro_step: int) -> list[int]:
+        per_epoch = self.dataset.batches_per_epoch(self.config.batch_size)
+        epoch, position = divmod(micro_step, per_epoch)
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            batches = self.dataset.epoch_batches(epoch, self.config.batch_size, self.config.seed, self.config.shuffle)
+            self._epoch_cache = (epoch, batches)
+        return self._epoch_cache[1][position]
+
+    def _fresh_sigmas(self, count: int) -> torch.Tensor:
+        config, generator = self.config, self.generator
+        if config.timestep_method == "uniform":
+            return sample_uniform_sigmas(count, generator, shift=config.shift)
+        if config.timestep_method == "shifted_sigmoid":
+            return sample_shifted_sigmoid_sigmas(count, generator, shift=config.shift,
+                                                 sigmoid_mean=config.sigmoid_mean, sigmoid_scale=config.sigmoid_scale)
+        sigmas, _ = sample_anchor_sigmas(count, self.anchors, generator, jitter_scale=config.jitter_scale)
+        if config.raft_mode:
+            free = torch.rand(count, generator=generator) < config.free_stream_ratio
+            sigmas = torch.where(free, sample_uniform_sigmas(count, generator, shift=config.shift), sigmas)
+        return sigmas
+
+    def _plan(self, items: list[int]) -> list[Sample]:
+        replays = self.replay.plan_replays(len(items), self.generator)
+        fresh = len(items) - len(replays)
+        samples = []
+        if fresh:
+            sigmas = self._fresh_sigmas(fresh)
+            samples = [Sample(i, float(s)) for i, s in zip(items[:fresh], sigmas.tolist(), strict=True)]
+        samples += [Sample(int(i), float(s)) for i, s in replays]
+        if self.dataset.caption_dropout_rate > 0:
+            drops = torch.rand(len(samples), generator=self.generator) < self.dataset.caption_dropout_rate
+            for sample, drop in zip(samples, drops.tolist(), strict=True):
+                sample.drop_caption = drop
+        return samples
+
+    # ----- model ---------------------------------------------------------------------------------
+    def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        base = self.patcher.model
+        options = dict(self.patcher.model_options.get("transformer_options", {}))
+        options["sigmas"] = sigma
+        return base.apply_model(x, sigma, c_crossattn=cond, num_tokens=cond.shape[1], transformer_options=options)
+
+    def prepare_micro_batch(self, micro_step: int) -> list[Prepared]:
+        """The samples of micro-batch ``micro_step`` with their latents, noise, jitter and own caption.
+
+        Draws from the trainer's generator in a fixed order: replay plan, sigmas, caption dropout, then
+        per sample its noise (and latent jitter).
+        """
+        prepared = []
+        for sample in self._plan(self._batch_items(micro_step)):
+            x0 = self.patcher.model.process_latent_in(self.dataset.latent(sample.index)[None].float())
+            noise = torch.randn(x0.shape, generator=self.generator)
+            jitter = None
+            if self.config.latent_jitter_scale > 0:
+                jitter = torch.randn(x0.shape, generator=self.generator) * self.config.latent_jitter_scale
+            cond = self.dataset.text(None if sample.drop_caption else sample.index)[None]
+            prepared.append(Prepared(sample, x0, noise, jitter, cond))
+        return prepared
+
+    def per_sample_losses(self, prepared: list[Prepared], curvature: bool = False) -> torch.Tensor:
+        """L_b for samples that share latent size and caption length: ONE forward pass over exactly these
+        samples, each with its own caption (cond row b belongs to latent b)."""
+        device = self.device
+        sigma = torch.tensor([p.sample.sigma for p in prepared], dtype=torch.float32, device=device)
+        x0 = torch.cat([p.x0 for p in prepared]).to(device)
+        noise = torch.cat([p.noise for p in prepared]).to(device)
+        conds = torch.cat([p.cond for p in prepared]).to(device)
+        x_sigma = noisy_latent(x0, noise, sigma)
+        if prepared[0].jitter is not None:
+            x_sigma = x_sigma + torch.cat([p.jitter for p in prepared]).to(device)
+        pred = self._velocity(x_sigma, sigma, conds).float()
+        target = velocity_target(x0, noise)
+        per_sample = flow_loss(pred, target, x_sigma, sigma, self.config.loss_mode, self.loss_params,
+                               latent_rgb_factors=self.rgb_factors, latent_rgb_bias=self.rgb_bias)
+        if self.config.snr_gamma > 0:
+            per_sample = per_sample * min_snr_weight(sigma, self.config.snr_gamma, form=self.config.snr_form,
+                                                     floor=self.config.snr_floor)
+        if curvature:
+            first, second = curvature_neighbour_sigmas(sigma, self.curvature_step)
+            with torch.no_grad():
+                v_first = self._velocity(noisy_latent(x0, noise, first), first, conds).float()
+                v_second = self._velocity(noisy_latent(x0, noise, second), second, conds).float()
+            per_sample = per_sample + self.config.curvature_weight * curvature_penalty(
+                pred, sigma, v_first, first, v_second, second, step=self.curvature_step)
+        return per_sample
+
+    def _micro_step(self, micro_step: int) -> float:
+        self.check_interrupt()
+        prepared = self.prepare_micro_batch(micro_step)
+        groups: dict[tuple, list[int]] = {}
+        for position, item in enumerate(prepared):
+            groups.setdefault((tuple(item.x0.shape), tuple(item.cond.shape)), []).append(position)
+        use_curvature = (self.config.curvature_weight > 0 and self.step >= self.config.curvature_start_step
+                         and micro_step % self.config.curvature_interval == 0)
+        batch, accumulation = len(prepared), self.config.gradient_accumulation_steps
+        losses = torch.zeros(batch)
+        for members in groups.values():
+            per_sample = self.per_sample_losses([prepared[i] for i in members], use_curvature)
+            if not torch.isfinite(per_sample).all():
+                self._diverged(f"the loss is {per_sample.detach().cpu().tolist()}")
+            # mean over the whole micro-batch, taken group by group so each graph is freed early
+            (reduce_loss(per_sample) * len(members) / batch / accumulation).backward()
+            losses[members] = per_sample.detach().float().cpu()
+        self.replay.record([p.sample.index for p in prepared], [p.sample.sigma for p in prepared], losses)
+        return float(losses.mean())
+
+    def _diverged(self, what: str):
+        last = ckpt.checkpoint_path(self.run_dir) if self.run_dir else None
+        kept = (f"the last good checkpoint {last} is kept" if last and last.is_file()
+                else "no checkpoint was written yet")
+        raise TrainingDiverged(
+            f"training stopped at step {self.step + 1}/{self.total}: {what}. The LoRA was not updated with it; "
+            f"{kept}. Lower learning_rate, use mixed_precision = fp32, or set max_grad_norm."
+        )
+
+    def _optimizer_step(self) -> tuple[float, float]:
+        self._snapshot = {"generator": self.generator.get_state(), "replay": self.replay.state_dict()}
+        self._phase = "accumulating"
+        accumulation = self.config.gradient_accumulation_steps
+        micro_losses = [self._micro_step(self.step * accumulation + k) for k in range(accumulation)]
+        norm = None
+        if self.config.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+        if not torch.isfinite(norm):
+            self._diverged(f"the gradient norm is {float(norm)}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._phase = "updating"
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss = sum(micro_losses) / len(micro_losses)
+        self.loss_history.append(loss)
+        self.lr_history.append(lr)
+        self._phase = "idle"
+        return loss, lr
+
+    # ----- run -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def loaded(self):
+        """The training clone built and loaded by ComfyUI's model management, autograd on; unloaded after."""
+        compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.config.mixed_precision]
+        base = self.model.model
+        if base.manual_cast_dtype is None and base.get_dtype() == compute_dtype:
+            compute_dtype = None
+        self.patcher = model_patch.build_training_patcher(self.model, self.adapters, compute_dtype=compute_dtype,
+                                                          gradient_checkpointing=self.config.gradient_checkpointing)
+        latent_format = self.patcher.model.latent_format
+        self.rgb_factors = self.rgb_bias = None
+        if self.config.style_basis == "latent_rgb" and getattr(latent_format, "latent_rgb_factors", None) is not None:
+            self.rgb_factors = torch.tensor(latent_format.latent_rgb_factors, dtype=torch.float32)
+            bias = getattr(latent_format, "latent_rgb_factors_bias", None)
+            self.rgb_bias = torch.tensor(bias, dtype=torch.float32) if bias is not None else None
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                model_patch.load_for_training(self.patcher, self.config.blocks_to_swap)
+                self.device = self.patcher.load_device
+                for adapter in self.adapters.values():
+                    adapter.to(self.device)
+                _move_optimizer_state(self.optimizer, self.device)
+                if self.rgb_factors is not None:
+                    self.rgb_factors = self.rgb_factors.to(self.device)
+                    self.rgb_bias = self.rgb_bias.to(self.device) if self.rgb_bias is not None else None
+                yield self
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            model_patch.release(self.patcher)
+            for adapter in self.adapters.values():
+                adapter.to("cpu")
+
+    def run(self) -> TrainResult:
+        import comfy.model_management as mm
+
+        resumed_from = self.try_resume()
+        last_checkpoint = None
+        with self.loaded():
+            try:
+                while self.step < self.total:
+                    loss, lr = self._optimizer_step()
+                    if self.config.save_every_n_steps and self.step % self.config.save_every_n_steps == 0:
+                        last_checkpoint = self.save()
+                    if self.on_step is not None:
+                        self.on_step(self.step, self.total, loss, lr)
+                if self.step > resumed_from or last_checkpoint is None:
+                    last_checkpoint = self.save()
+            except (mm.InterruptProcessingException, KeyboardInterrupt):
+                if self._phase != "updating":
+                    self.save(from_snapshot=self._phase == "accumulating")
+                raise
+        return TrainResult(lora.TrainedLora(lora.lora_state_dict(self.adapters), self.metadata()),
+                           list(self.loss_history), list(self.lr_history), self.step, resumed_from, last_checkpoint)
+
+    def metadata(self) -> dict[str, str]:
+        config = self.config
+        return {
+            "ss_network_module": "networks.lora", "ss_network_dim": str(config.network_dim),
+            "ss_network_alpha": str(config.network_alpha), "ss_steps": str(self.step),
+            "ss_learning_rate": str(config.learning_rate), "ss_seed": str(config.seed),
+            "lumina_turbo.trainer": "LTLoraTrainer (AC-RF)", "lumina_turbo.steps": str(self.step),
+            "lumina_turbo.targets": json.dumps(sorted(self.adapters)),
+            "lumina_turbo.anchors": json.dumps([round(float(a), 6) for a in self.anchors]),
+            "lumina_turbo.dataset": self.dataset.key,
+            "lumina_turbo.config": json.dumps({k: v for k, v in dataclasses.asdict(config).items()
+                                               if k in self.identity}, default=str),
+            "lumina_turbo.final_loss": f"{self.loss_history[-1]:.6g}" if self.loss_history else "",
+        }
+
+
+def _move_optimizer_state(optimizer, device) -> None:
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                state[key] = value.to(device)
