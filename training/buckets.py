@@ -36,8 +36,9 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - target), 9), -b[0] * b[1]))
 
 
-def target_size(width: int, height: int, *, resolution: int, step: int, enable_bucket: bool,
-                max_aspect_ratio: float) -> tuple[int, int]:
+def target_size(
+    width: int, height: int, *, resolution: int, step: int, enable_bucket: bool, max_aspect_ratio: float
+) -> tuple[int, int]:
     if not enable_bucket:
         side = resolution // step * step
         return side, side

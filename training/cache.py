@@ -43,7 +43,11 @@ def tensor_sample_bytes(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().reshape(-1)
     if flat.numel() > _SAMPLE:
         flat = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE]
-    return flat.to(device="cpu", dtype=torch.float64 if flat.is_floating_point() else torch.int64).numpy().tobytes()
+    return (
+        flat.to(device="cpu", dtype=torch.float64 if flat.is_floating_point() else torch.int64)
+        .numpy()
+        .tobytes()
+    )
 
 
 def state_dict_fingerprint(state_dict: dict, extra: object = None) -> str:
@@ -62,15 +66,20 @@ def state_dict_fingerprint(state_dict: dict, extra: object = None) -> str:
 
 def vae_fingerprint(vae) -> str:
     model = vae.first_stage_model
-    extra = {"class": type(model).__qualname__, "latent_channels": getattr(vae, "latent_channels", None),
-             "downscale": str(getattr(vae, "downscale_ratio", None))}
+    extra = {
+        "class": type(model).__qualname__,
+        "latent_channels": getattr(vae, "latent_channels", None),
+        "downscale": str(getattr(vae, "downscale_ratio", None)),
+    }
     return state_dict_fingerprint(model.state_dict(), extra)
 
 
 def clip_fingerprint(clip) -> str:
     model = clip.cond_stage_model
     patches = getattr(clip.patcher, "patches", {}) or {}
-    patch_summary = sorted((key, [(float(p[0]), float(p[2])) for p in entries]) for key, entries in patches.items())
+    patch_summary = sorted(
+        (key, [(float(p[0]), float(p[2])) for p in entries]) for key, entries in patches.items()
+    )
     extra = {
         "class": type(model).__qualname__,
         "tokenizer": type(clip.tokenizer).__qualname__,
@@ -81,7 +90,9 @@ def clip_fingerprint(clip) -> str:
     return state_dict_fingerprint(model.state_dict(), extra)
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None
+) -> None:
     """Write ``tensors`` to ``path`` through a temporary file in the same folder and an atomic rename."""
     import safetensors.torch
 
@@ -90,8 +101,9 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                                    metadata=metadata)
+        safetensors.torch.save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata
+        )
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -136,7 +148,9 @@ def encode_prompt(clip, prompt: str) -> dict[str, torch.Tensor]:
     tokens = clip.tokenize(prompt)
     conditioning = clip.encode_from_tokens_scheduled(tokens)
     if len(conditioning) != 1:
-        raise ValueError(f"the text encoder returned {len(conditioning)} conditionings for one caption; expected 1")
+        raise ValueError(
+            f"the text encoder returned {len(conditioning)} conditionings for one caption; expected 1"
+        )
     cond, extra = conditioning[0]
     out = {"cond": cond[0].to("cpu")}
     mask = extra.get("attention_mask")

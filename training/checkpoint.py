@@ -52,9 +52,17 @@ def load_checkpoint(run_dir) -> dict | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - report which file is unusable
-        raise CheckpointMismatch(f"checkpoint {path} cannot be read ({exc}); delete it or set resume = false") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("version") != VERSION:
-        raise CheckpointMismatch(f"checkpoint {path} is not a lumina_turbo training checkpoint (version {VERSION})")
+        raise CheckpointMismatch(
+            f"checkpoint {path} cannot be read ({exc}); delete it or set resume = false"
+        ) from exc
+    if (
+        not isinstance(state, dict)
+        or state.get("format") != CHECKPOINT_FORMAT
+        or state.get("version") != VERSION
+    ):
+        raise CheckpointMismatch(
+            f"checkpoint {path} is not a lumina_turbo training checkpoint (version {VERSION})"
+        )
     return state
 
 
@@ -63,7 +71,9 @@ def check_identity(state: dict, identity: dict, path) -> None:
     saved = state.get("identity", {})
     differing = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
     if differing:
-        details = "; ".join(f"{k}: checkpoint {_short(saved.get(k))}, now {_short(identity.get(k))}" for k in differing[:6])
+        details = "; ".join(
+            f"{k}: checkpoint {_short(saved.get(k))}, now {_short(identity.get(k))}" for k in differing[:6]
+        )
         raise CheckpointMismatch(
             f"checkpoint {path} belongs to a different run ({details}). Use a new run name, set resume = false, "
             "or restore those settings to continue it."

@@ -175,7 +175,10 @@ FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "seed": ((_TRAIN,), "seed of LoRA init, data order, sigmas and noise"),
     "save_every_n_steps": ((_TRAIN,), "checkpoint interval in optimizer steps (0 = only at the end)"),
     "resume": ((_TRAIN,), "continue from this run's checkpoint when there is one"),
-    "checkpoint_dir": ((_TRAIN,), "folder of the checkpoint (default: ComfyUI output/lumina_turbo_training/<name>)"),
+    "checkpoint_dir": (
+        (_TRAIN,),
+        "folder of the checkpoint (default: ComfyUI output/lumina_turbo_training/<name>)",
+    ),
     "max_grad_norm": ((_ADV, _TRAIN), "gradient clipping (0 = off)"),
     "gradient_checkpointing": ((_ADV, _TRAIN), "recompute block activations in backward"),
     "mixed_precision": ((_ADV, _TRAIN), "bf16 | fp32 (model compute dtype)"),
@@ -210,12 +213,33 @@ SECTIONS = (_MODEL, _ACRF, _LORA, _TRAIN, _ADV, _DATA, "loss")
 SOURCE_KEYS = {"folder", "num_repeats"}
 # Keys that change what is trained (a resumed run must match them exactly).
 RUN_IDENTITY_EXCLUDED = {
-    "max_train_steps", "num_train_epochs", "save_every_n_steps", "resume", "checkpoint_dir", "output_dir",
-    "output_name", "save_dtype", "transformer", "text_encoder", "vae", "cache_dir", "blocks_to_swap",
+    "max_train_steps",
+    "num_train_epochs",
+    "save_every_n_steps",
+    "resume",
+    "checkpoint_dir",
+    "output_dir",
+    "output_name",
+    "save_dtype",
+    "transformer",
+    "text_encoder",
+    "vae",
+    "cache_dir",
+    "blocks_to_swap",
     "gradient_checkpointing",
     # what LTDataset builds is identified by the dataset's own key (files, models, resolution, dropout)
-    "folder", "sources", "enable_bucket", "resolution", "bucket_step", "max_aspect_ratio", "caption_dropout_rate",
-    "max_sequence_length", "num_repeats", "caption_extension", "system_prompt", "weight_dtype",
+    "folder",
+    "sources",
+    "enable_bucket",
+    "resolution",
+    "bucket_step",
+    "max_aspect_ratio",
+    "caption_dropout_rate",
+    "max_sequence_length",
+    "num_repeats",
+    "caption_extension",
+    "system_prompt",
+    "weight_dtype",
 }
 
 
@@ -274,13 +298,17 @@ def _check_sources(value, origin: str) -> list[dict]:
         extra = sorted(set(item) - SOURCE_KEYS)
         if extra:
             hint = " (this trainer caches from the images itself)" if "cache_directory" in extra else ""
-            raise ConfigError(f"{origin}: unknown key(s) {extra} in [[dataset.sources]]{hint}; known {sorted(SOURCE_KEYS)}")
+            raise ConfigError(
+                f"{origin}: unknown key(s) {extra} in [[dataset.sources]]{hint}; known {sorted(SOURCE_KEYS)}"
+            )
         if not isinstance(item.get("folder"), str) or not item["folder"]:
-            raise ConfigError(f"{origin}: every [[dataset.sources]] needs folder = \"<image folder>\"")
+            raise ConfigError(f'{origin}: every [[dataset.sources]] needs folder = "<image folder>"')
     return [{"folder": item["folder"], "num_repeats": item.get("num_repeats", 1)} for item in value]
 
 
-def config_from_flat(flat: dict[str, Any], base: TrainConfig | None = None, origin: str = "config") -> TrainConfig:
+def config_from_flat(
+    flat: dict[str, Any], base: TrainConfig | None = None, origin: str = "config"
+) -> TrainConfig:
     """Apply {field: value} (after flatten_toml) on top of ``base`` and validate the result."""
     values = dataclasses.asdict(base or TrainConfig())
     flat = dict(flat)
@@ -294,17 +322,25 @@ def config_from_flat(flat: dict[str, Any], base: TrainConfig | None = None, orig
         values[name] = value
     values["loss_params"] = loss_params
     if enable_freq is not None or enable_style is not None:
-        implied = {(False, False): "standard", (True, False): "frequency", (False, True): "style",
-                   (True, True): "unified"}[(bool(enable_freq), bool(enable_style))]
+        implied = {
+            (False, False): "standard",
+            (True, False): "frequency",
+            (False, True): "style",
+            (True, True): "unified",
+        }[(bool(enable_freq), bool(enable_style))]
         if "loss_mode" in flat and flat["loss_mode"] != implied:
-            raise ConfigError(f"{origin}: loss_mode = {flat['loss_mode']!r} contradicts enable_freq/enable_style "
-                              f"(which mean {implied!r}); set one of them")
+            raise ConfigError(
+                f"{origin}: loss_mode = {flat['loss_mode']!r} contradicts enable_freq/enable_style "
+                f"(which mean {implied!r}); set one of them"
+            )
         values["loss_mode"] = implied
     if enable_turbo is not None:
         if not enable_turbo and "timestep_method" not in flat:
             values["timestep_method"] = "uniform"
         elif enable_turbo and flat.get("timestep_method", "anchor") != "anchor":
-            raise ConfigError(f"{origin}: enable_turbo = true contradicts timestep_method = {flat['timestep_method']!r}")
+            raise ConfigError(
+                f"{origin}: enable_turbo = true contradicts timestep_method = {flat['timestep_method']!r}"
+            )
     config = TrainConfig(**{k: values[k] for k in (f.name for f in dataclasses.fields(TrainConfig))})
     validate(config, origin)
     return config
@@ -336,7 +372,9 @@ def parse_advanced(text: str, base: TrainConfig, reserved: set[str], origin: str
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{origin}: not valid TOML ({exc}); write key = value lines, e.g. lambda_l1 = 0.5") from exc
+        raise ConfigError(
+            f"{origin}: not valid TOML ({exc}); write key = value lines, e.g. lambda_l1 = 0.5"
+        ) from exc
     flat = flatten_toml(document, allow_flat=True, origin=origin)
     clash = sorted(set(flat) & reserved)
     if clash:
@@ -350,7 +388,12 @@ def _fail(origin: str, name: str, expected: str, value) -> None:
 
 def _int(config, origin, name, minimum, maximum=None):
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
         bound = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
         _fail(origin, name, bound, value)
 
@@ -384,8 +427,17 @@ def validate(config: TrainConfig, origin: str = "config") -> TrainConfig:
     """Check every field; raises ConfigError naming the first bad one. Normalises numbers to float."""
     from ..losses import resolve_loss_params
 
-    for name in ("transformer", "text_encoder", "vae", "output_dir", "output_name", "checkpoint_dir", "folder",
-                 "caption_extension", "cache_dir"):
+    for name in (
+        "transformer",
+        "text_encoder",
+        "vae",
+        "output_dir",
+        "output_name",
+        "checkpoint_dir",
+        "folder",
+        "caption_extension",
+        "cache_dir",
+    ):
         _str(config, origin, name)
     _choice(config, origin, "weight_dtype", ("default", "fp32", "bf16", "fp16"))
     _choice(config, origin, "save_dtype", ("bf16", "fp16", "fp32"))
@@ -396,8 +448,18 @@ def validate(config: TrainConfig, origin: str = "config") -> TrainConfig:
     _choice(config, origin, "timestep_method", TIMESTEP_METHODS)
     _float(config, origin, "sigmoid_mean", -10, 10)
     _float(config, origin, "sigmoid_scale", 0, 10, open_min=True)
-    for name in ("raft_mode", "use_dynamic_shift", "train_attention", "train_ffn", "train_refiners", "train_adaln",
-                 "resume", "gradient_checkpointing", "shuffle", "enable_bucket"):
+    for name in (
+        "raft_mode",
+        "use_dynamic_shift",
+        "train_attention",
+        "train_ffn",
+        "train_refiners",
+        "train_adaln",
+        "resume",
+        "gradient_checkpointing",
+        "shuffle",
+        "enable_bucket",
+    ):
         _bool(config, origin, name)
     if config.use_dynamic_shift:
         raise ConfigError(
@@ -416,7 +478,9 @@ def validate(config: TrainConfig, origin: str = "config") -> TrainConfig:
     _int(config, origin, "network_dim", 1, 1024)
     _float(config, origin, "network_alpha", 0, open_min=True)
     if not (config.train_attention or config.train_ffn or config.train_adaln):
-        raise ConfigError(f"{origin}: train_attention, train_ffn and train_adaln are all false: no layer to train")
+        raise ConfigError(
+            f"{origin}: train_attention, train_ffn and train_adaln are all false: no layer to train"
+        )
     _choice(config, origin, "optimizer_type", OPTIMIZERS)
     _float(config, origin, "learning_rate", 0, 1, open_min=True)
     _float(config, origin, "weight_decay", 0, 1)

@@ -35,10 +35,14 @@ def resolve_folder(folder: str, input_dir: str | os.PathLike | None) -> Path:
     path = Path(folder.strip()).expanduser()
     if not path.is_absolute():
         if input_dir is None:
-            raise DatasetError(f"folder: {folder!r} is relative but there is no input folder to resolve it against")
+            raise DatasetError(
+                f"folder: {folder!r} is relative but there is no input folder to resolve it against"
+            )
         path = Path(input_dir) / path
     if not path.is_dir():
-        raise DatasetError(f"folder: {path} does not exist or is not a folder (expected images with .txt captions)")
+        raise DatasetError(
+            f"folder: {path} does not exist or is not a folder (expected images with .txt captions)"
+        )
     return path
 
 

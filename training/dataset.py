@@ -138,8 +138,13 @@ def build_dataset(
     ``progress`` may raise (ComfyUI's interrupt) - files already written stay valid.
     """
     feature_cache = cache.FeatureCache(cache_root, cache.vae_fingerprint(vae), cache.clip_fingerprint(clip))
-    stats = {"images": len(records), "latents_encoded": 0, "latents_cached": 0, "texts_encoded": 0,
-             "texts_cached": 0}
+    stats = {
+        "images": len(records),
+        "latents_encoded": 0,
+        "latents_cached": 0,
+        "texts_encoded": 0,
+        "texts_cached": 0,
+    }
     prompts = [prompt_text(r.caption, system_prompt) for r in records] + [prompt_text("", system_prompt)]
     unique_prompts = list(dict.fromkeys(prompts))
     total, done = len(records) + len(unique_prompts), 0
@@ -154,8 +159,14 @@ def build_dataset(
     for record in records:
         image_sha = cache.sha256_file(record.path)
         image = buckets.load_image(record.path)
-        size = buckets.target_size(image.width, image.height, resolution=resolution, step=bucket_step,
-                                   enable_bucket=enable_bucket, max_aspect_ratio=max_aspect_ratio)
+        size = buckets.target_size(
+            image.width,
+            image.height,
+            resolution=resolution,
+            step=bucket_step,
+            enable_bucket=enable_bucket,
+            max_aspect_ratio=max_aspect_ratio,
+        )
         latent_file = feature_cache.latent_path(image_sha, size)
         if feature_cache.readable(latent_file):
             stats["latents_cached"] += 1
@@ -164,8 +175,11 @@ def build_dataset(
             cache.atomic_save_safetensors({"latent": latent}, latent_file)
             stats["latents_encoded"] += 1
         text_file = feature_cache.text_path(prompt_text(record.caption, system_prompt))
-        items.append(DatasetItem(str(record.path), record.caption, record.repeats, size, str(latent_file),
-                                 str(text_file)))
+        items.append(
+            DatasetItem(
+                str(record.path), record.caption, record.repeats, size, str(latent_file), str(text_file)
+            )
+        )
         step()
     for prompt in unique_prompts:
         text_file = feature_cache.text_path(prompt)
@@ -176,16 +190,27 @@ def build_dataset(
             stats["texts_encoded"] += 1
         step()
     description = {
-        "vae": feature_cache.vae_fp, "text_encoder": feature_cache.clip_fp, "resolution": resolution,
-        "bucket_step": bucket_step, "enable_bucket": enable_bucket, "max_aspect_ratio": max_aspect_ratio,
-        "caption_dropout_rate": caption_dropout_rate, "max_sequence_length": max_sequence_length,
+        "vae": feature_cache.vae_fp,
+        "text_encoder": feature_cache.clip_fp,
+        "resolution": resolution,
+        "bucket_step": bucket_step,
+        "enable_bucket": enable_bucket,
+        "max_aspect_ratio": max_aspect_ratio,
+        "caption_dropout_rate": caption_dropout_rate,
+        "max_sequence_length": max_sequence_length,
         "system_prompt": system_prompt,
         "items": [(Path(i.latent_file).name, Path(i.text_file).name, i.repeats) for i in items],
     }
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
     empty = str(feature_cache.text_path(prompt_text("", system_prompt)))
-    return CachedDataset(items, empty, float(caption_dropout_rate), int(max_sequence_length), key, stats, description)
+    return CachedDataset(
+        items, empty, float(caption_dropout_rate), int(max_sequence_length), key, stats, description
+    )
 
 
-def build_from_folder(folder: Path, *, num_repeats: int = 1, caption_extension: str = ".txt", **kwargs) -> CachedDataset:
-    return build_dataset(scan_folder(folder, num_repeats=num_repeats, caption_extension=caption_extension), **kwargs)
+def build_from_folder(
+    folder: Path, *, num_repeats: int = 1, caption_extension: str = ".txt", **kwargs
+) -> CachedDataset:
+    return build_dataset(
+        scan_folder(folder, num_repeats=num_repeats, caption_extension=caption_extension), **kwargs
+    )

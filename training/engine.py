@@ -92,29 +92,51 @@ def total_steps(config: TrainConfig, dataset: CachedDataset) -> int:
 
 
 class LoraTrainer:
-    def __init__(self, config: TrainConfig, model, dataset: CachedDataset, *, run_dir=None,
-                 on_step: Callable[[int, int, float, float], None] | None = None,
-                 check_interrupt: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        model,
+        dataset: CachedDataset,
+        *,
+        run_dir=None,
+        on_step: Callable[[int, int, float, float], None] | None = None,
+        check_interrupt: Callable[[], None] | None = None,
+    ):
         self.config, self.model, self.dataset = config, model, dataset
         self.run_dir = Path(run_dir) if run_dir else None
         self.on_step = on_step
         self.check_interrupt = check_interrupt or (lambda: None)
         self.total = total_steps(config, dataset)
         self.loss_params = resolve_loss_params(config.loss_mode, config.loss_params)
-        self.anchors = training_anchor_sigmas(config.turbo_steps, config.shift, convention=config.anchor_convention)
+        self.anchors = training_anchor_sigmas(
+            config.turbo_steps, config.shift, convention=config.anchor_convention
+        )
         self.curvature_step = config.curvature_step or (
-            default_curvature_step(self.anchors) if len(self.anchors) > 1 else 0.1)
+            default_curvature_step(self.anchors) if len(self.anchors) > 1 else 0.1
+        )
         self.curvature_step = min(self.curvature_step, 0.2495)
         diffusion_model = model.model.diffusion_model
-        targets = lora.select_targets(diffusion_model, attention=config.train_attention, ffn=config.train_ffn,
-                                      adaln=config.train_adaln, refiners=config.train_refiners)
-        self.adapters = lora.create_adapters(diffusion_model, targets, config.network_dim, config.network_alpha,
-                                             config.seed)
+        targets = lora.select_targets(
+            diffusion_model,
+            attention=config.train_attention,
+            ffn=config.train_ffn,
+            adaln=config.train_adaln,
+            refiners=config.train_refiners,
+        )
+        self.adapters = lora.create_adapters(
+            diffusion_model, targets, config.network_dim, config.network_alpha, config.seed
+        )
         self.params = [p for a in self.adapters.values() for p in a.parameters()]
-        self.optimizer = optim.make_optimizer(config.optimizer_type, self.params, lr=config.learning_rate,
-                                              weight_decay=config.weight_decay)
-        self.scheduler = optim.make_scheduler(self.optimizer, schedule=config.lr_scheduler, total_steps=self.total,
-                                              warmup_steps=config.lr_warmup_steps, num_cycles=config.lr_num_cycles)
+        self.optimizer = optim.make_optimizer(
+            config.optimizer_type, self.params, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.scheduler = optim.make_scheduler(
+            self.optimizer,
+            schedule=config.lr_scheduler,
+            total_steps=self.total,
+            warmup_steps=config.lr_warmup_steps,
+            num_cycles=config.lr_num_cycles,
+        )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.replay = HardSampleReplay(config.replay_capacity, config.replay_ratio, config.replay_min_entries)
         self.step = 0
@@ -123,19 +145,32 @@ class LoraTrainer:
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
         self._phase = "idle"  # idle | accumulating | updating
         self._snapshot: dict | None = None
-        self.identity = {**run_identity(config), "dataset": dataset.key,
-                         "model": state_dict_fingerprint(diffusion_model.state_dict(),
-                                                         sorted(getattr(model, "patches", {})))}
+        self.identity = {
+            **run_identity(config),
+            "dataset": dataset.key,
+            "model": state_dict_fingerprint(
+                diffusion_model.state_dict(), sorted(getattr(model, "patches", {}))
+            ),
+        }
 
     # ----- state ---------------------------------------------------------------------------------
     def _state(self, *, from_snapshot: bool) -> dict:
-        source = self._snapshot if from_snapshot else {"generator": self.generator.get_state(),
-                                                       "replay": self.replay.state_dict()}
+        source = (
+            self._snapshot
+            if from_snapshot
+            else {"generator": self.generator.get_state(), "replay": self.replay.state_dict()}
+        )
         return {
-            "identity": self.identity, "step": self.step, "total": self.total,
-            "lora": lora.lora_state_dict(self.adapters), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "generator": source["generator"], "replay": source["replay"],
-            "loss_history": list(self.loss_history), "lr_history": list(self.lr_history),
+            "identity": self.identity,
+            "step": self.step,
+            "total": self.total,
+            "lora": lora.lora_state_dict(self.adapters),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": source["generator"],
+            "replay": source["replay"],
+            "loss_history": list(self.loss_history),
+            "lr_history": list(self.lr_history),
         }
 
     def save(self, *, from_snapshot: bool = False) -> Path | None:
@@ -167,7 +202,9 @@ class LoraTrainer:
         per_epoch = self.dataset.batches_per_epoch(self.config.batch_size)
         epoch, position = divmod(micro_step, per_epoch)
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            batches = self.dataset.epoch_batches(epoch, self.config.batch_size, self.config.seed, self.config.shuffle)
+            batches = self.dataset.epoch_batches(
+                epoch, self.config.batch_size, self.config.seed, self.config.shuffle
+            )
             self._epoch_cache = (epoch, batches)
         return self._epoch_cache[1][position]
 
@@ -176,8 +213,13 @@ class LoraTrainer:
         if config.timestep_method == "uniform":
             return sample_uniform_sigmas(count, generator, shift=config.shift)
         if config.timestep_method == "shifted_sigmoid":
-            return sample_shifted_sigmoid_sigmas(count, generator, shift=config.shift,
-                                                 sigmoid_mean=config.sigmoid_mean, sigmoid_scale=config.sigmoid_scale)
+            return sample_shifted_sigmoid_sigmas(
+                count,
+                generator,
+                shift=config.shift,
+                sigmoid_mean=config.sigmoid_mean,
+                sigmoid_scale=config.sigmoid_scale,
+            )
         sigmas, _ = sample_anchor_sigmas(count, self.anchors, generator, jitter_scale=config.jitter_scale)
         if config.raft_mode:
             free = torch.rand(count, generator=generator) < config.free_stream_ratio
@@ -203,7 +245,9 @@ class LoraTrainer:
         base = self.patcher.model
         options = dict(self.patcher.model_options.get("transformer_options", {}))
         options["sigmas"] = sigma
-        return base.apply_model(x, sigma, c_crossattn=cond, num_tokens=cond.shape[1], transformer_options=options)
+        return base.apply_model(
+            x, sigma, c_crossattn=cond, num_tokens=cond.shape[1], transformer_options=options
+        )
 
     def prepare_micro_batch(self, micro_step: int) -> list[Prepared]:
         """The samples of micro-batch ``micro_step`` with their latents, noise, jitter and own caption.
@@ -235,18 +279,28 @@ class LoraTrainer:
             x_sigma = x_sigma + torch.cat([p.jitter for p in prepared]).to(device)
         pred = self._velocity(x_sigma, sigma, conds).float()
         target = velocity_target(x0, noise)
-        per_sample = flow_loss(pred, target, x_sigma, sigma, self.config.loss_mode, self.loss_params,
-                               latent_rgb_factors=self.rgb_factors, latent_rgb_bias=self.rgb_bias)
+        per_sample = flow_loss(
+            pred,
+            target,
+            x_sigma,
+            sigma,
+            self.config.loss_mode,
+            self.loss_params,
+            latent_rgb_factors=self.rgb_factors,
+            latent_rgb_bias=self.rgb_bias,
+        )
         if self.config.snr_gamma > 0:
-            per_sample = per_sample * min_snr_weight(sigma, self.config.snr_gamma, form=self.config.snr_form,
-                                                     floor=self.config.snr_floor)
+            per_sample = per_sample * min_snr_weight(
+                sigma, self.config.snr_gamma, form=self.config.snr_form, floor=self.config.snr_floor
+            )
         if curvature:
             first, second = curvature_neighbour_sigmas(sigma, self.curvature_step)
             with torch.no_grad():
                 v_first = self._velocity(noisy_latent(x0, noise, first), first, conds).float()
                 v_second = self._velocity(noisy_latent(x0, noise, second), second, conds).float()
             per_sample = per_sample + self.config.curvature_weight * curvature_penalty(
-                pred, sigma, v_first, first, v_second, second, step=self.curvature_step)
+                pred, sigma, v_first, first, v_second, second, step=self.curvature_step
+            )
         return per_sample
 
     def _micro_step(self, micro_step: int) -> float:
@@ -255,8 +309,11 @@ class LoraTrainer:
         groups: dict[tuple, list[int]] = {}
         for position, item in enumerate(prepared):
             groups.setdefault((tuple(item.x0.shape), tuple(item.cond.shape)), []).append(position)
-        use_curvature = (self.config.curvature_weight > 0 and self.step >= self.config.curvature_start_step
-                         and micro_step % self.config.curvature_interval == 0)
+        use_curvature = (
+            self.config.curvature_weight > 0
+            and self.step >= self.config.curvature_start_step
+            and micro_step % self.config.curvature_interval == 0
+        )
         batch, accumulation = len(prepared), self.config.gradient_accumulation_steps
         losses = torch.zeros(batch)
         for members in groups.values():
@@ -271,8 +328,11 @@ class LoraTrainer:
 
     def _diverged(self, what: str):
         last = ckpt.checkpoint_path(self.run_dir) if self.run_dir else None
-        kept = (f"the last good checkpoint {last} is kept" if last and last.is_file()
-                else "no checkpoint was written yet")
+        kept = (
+            f"the last good checkpoint {last} is kept"
+            if last and last.is_file()
+            else "no checkpoint was written yet"
+        )
         raise TrainingDiverged(
             f"training stopped at step {self.step + 1}/{self.total}: {what}. The LoRA was not updated with it; "
             f"{kept}. Lower learning_rate, use mixed_precision = fp32, or set max_grad_norm."
@@ -287,7 +347,9 @@ class LoraTrainer:
         if self.config.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+            norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in self.params if p.grad is not None])
+            )
         if not torch.isfinite(norm):
             self._diverged(f"the gradient norm is {float(norm)}")
         lr = self.optimizer.param_groups[0]["lr"]
@@ -310,11 +372,18 @@ class LoraTrainer:
         base = self.model.model
         if base.manual_cast_dtype is None and base.get_dtype() == compute_dtype:
             compute_dtype = None
-        self.patcher = model_patch.build_training_patcher(self.model, self.adapters, compute_dtype=compute_dtype,
-                                                          gradient_checkpointing=self.config.gradient_checkpointing)
+        self.patcher = model_patch.build_training_patcher(
+            self.model,
+            self.adapters,
+            compute_dtype=compute_dtype,
+            gradient_checkpointing=self.config.gradient_checkpointing,
+        )
         latent_format = self.patcher.model.latent_format
         self.rgb_factors = self.rgb_bias = None
-        if self.config.style_basis == "latent_rgb" and getattr(latent_format, "latent_rgb_factors", None) is not None:
+        if (
+            self.config.style_basis == "latent_rgb"
+            and getattr(latent_format, "latent_rgb_factors", None) is not None
+        ):
             self.rgb_factors = torch.tensor(latent_format.latent_rgb_factors, dtype=torch.float32)
             bias = getattr(latent_format, "latent_rgb_factors_bias", None)
             self.rgb_bias = torch.tensor(bias, dtype=torch.float32) if bias is not None else None
@@ -354,21 +423,32 @@ class LoraTrainer:
                 if self._phase != "updating":
                     self.save(from_snapshot=self._phase == "accumulating")
                 raise
-        return TrainResult(lora.TrainedLora(lora.lora_state_dict(self.adapters), self.metadata()),
-                           list(self.loss_history), list(self.lr_history), self.step, resumed_from, last_checkpoint)
+        return TrainResult(
+            lora.TrainedLora(lora.lora_state_dict(self.adapters), self.metadata()),
+            list(self.loss_history),
+            list(self.lr_history),
+            self.step,
+            resumed_from,
+            last_checkpoint,
+        )
 
     def metadata(self) -> dict[str, str]:
         config = self.config
         return {
-            "ss_network_module": "networks.lora", "ss_network_dim": str(config.network_dim),
-            "ss_network_alpha": str(config.network_alpha), "ss_steps": str(self.step),
-            "ss_learning_rate": str(config.learning_rate), "ss_seed": str(config.seed),
-            "lumina_turbo.trainer": "LTLoraTrainer (AC-RF)", "lumina_turbo.steps": str(self.step),
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(config.network_dim),
+            "ss_network_alpha": str(config.network_alpha),
+            "ss_steps": str(self.step),
+            "ss_learning_rate": str(config.learning_rate),
+            "ss_seed": str(config.seed),
+            "lumina_turbo.trainer": "LTLoraTrainer (AC-RF)",
+            "lumina_turbo.steps": str(self.step),
             "lumina_turbo.targets": json.dumps(sorted(self.adapters)),
             "lumina_turbo.anchors": json.dumps([round(float(a), 6) for a in self.anchors]),
             "lumina_turbo.dataset": self.dataset.key,
-            "lumina_turbo.config": json.dumps({k: v for k, v in dataclasses.asdict(config).items()
-                                               if k in self.identity}, default=str),
+            "lumina_turbo.config": json.dumps(
+                {k: v for k, v in dataclasses.asdict(config).items() if k in self.identity}, default=str
+            ),
             "lumina_turbo.final_loss": f"{self.loss_history[-1]:.6g}" if self.loss_history else "",
         }
 

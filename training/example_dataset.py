@@ -45,8 +45,9 @@ def write_image(folder: Path, name: str, image: Image.Image, caption: str) -> Pa
     return path
 
 
-def write_concept_dataset(folder, count: int = 4, size=(64, 64), seed: int = 0,
-                          caption: str = CONCEPT_CAPTION) -> Path:
+def write_concept_dataset(
+    folder, count: int = 4, size=(64, 64), seed: int = 0, caption: str = CONCEPT_CAPTION
+) -> Path:
     """``count`` concept images with captions in ``folder``; returns the folder."""
     folder = Path(folder)
     for index in range(count):

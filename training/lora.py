@@ -32,8 +32,14 @@ _REFINER = re.compile(r"^(?:noise_refiner|context_refiner)\.")
 KEY_PREFIX = "diffusion_model."
 
 
-def select_targets(diffusion_model: torch.nn.Module, *, attention: bool = True, ffn: bool = True,
-                   adaln: bool = False, refiners: bool = False) -> list[str]:
+def select_targets(
+    diffusion_model: torch.nn.Module,
+    *,
+    attention: bool = True,
+    ffn: bool = True,
+    adaln: bool = False,
+    refiners: bool = False,
+) -> list[str]:
     """Names (inside ``diffusion_model``) of the Linear layers that get a LoRA, in module order."""
     names = []
     for name, module in diffusion_model.named_modules():
@@ -41,7 +47,11 @@ def select_targets(diffusion_model: torch.nn.Module, *, attention: bool = True, 
             continue
         if _REFINER.match(name) and not refiners:
             continue
-        if (attention and _ATTENTION.match(name)) or (ffn and _FFN.match(name)) or (adaln and _ADALN.match(name)):
+        if (
+            (attention and _ATTENTION.match(name))
+            or (ffn and _FFN.match(name))
+            or (adaln and _ADALN.match(name))
+        ):
             names.append(name)
     if not names:
         raise ValueError("no LoRA target found: is this a Lumina-2 / Z-Image (NextDiT) model?")
@@ -71,8 +81,9 @@ class LoraAdapter(torch.nn.Module):
         return F.linear(hidden, self.lora_up.to(x.dtype)) * self.scale
 
 
-def create_adapters(diffusion_model: torch.nn.Module, names: list[str], rank: int, alpha: float,
-                    seed: int) -> dict[str, LoraAdapter]:
+def create_adapters(
+    diffusion_model: torch.nn.Module, names: list[str], rank: int, alpha: float, seed: int
+) -> dict[str, LoraAdapter]:
     """One adapter per target, initialised from ``seed`` in ``names`` order (deterministic)."""
     generator = torch.Generator().manual_seed(int(seed))
     adapters = {}
@@ -96,7 +107,9 @@ class LoraForward:
         return out + self.adapter(x).to(out.dtype)
 
 
-def lora_state_dict(adapters: dict[str, LoraAdapter], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def lora_state_dict(
+    adapters: dict[str, LoraAdapter], dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """ComfyUI-native LoRA tensors on the CPU: ``diffusion_model.<name>.lora_up/.lora_down.weight`` + ``.alpha``."""
     state = {}
     for name, adapter in adapters.items():
@@ -112,7 +125,9 @@ def load_lora_state(adapters: dict[str, LoraAdapter], state: dict[str, torch.Ten
     expected = set(lora_state_dict_keys(adapters))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
-        raise ValueError(f"checkpoint LoRA does not match this run's targets (missing {missing}, unexpected {extra})")
+        raise ValueError(
+            f"checkpoint LoRA does not match this run's targets (missing {missing}, unexpected {extra})"
+        )
     with torch.no_grad():
         for name, adapter in adapters.items():
             stem = KEY_PREFIX + name

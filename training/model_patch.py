@@ -36,10 +36,13 @@ def velocity_model_sampling(model_sampling):
         )
     base = type(model_sampling)
     if base not in _VELOCITY_CLASSES:
+
         def calculate_denoised(self, sigma, model_output, model_input):
             return model_output
 
-        _VELOCITY_CLASSES[base] = type(f"VelocityOutput{base.__name__}", (base,), {"calculate_denoised": calculate_denoised})
+        _VELOCITY_CLASSES[base] = type(
+            f"VelocityOutput{base.__name__}", (base,), {"calculate_denoised": calculate_denoised}
+        )
     patched = copy.copy(model_sampling)
     patched.__class__ = _VELOCITY_CLASSES[base]
     return patched
@@ -67,20 +70,31 @@ def has_inference_weights(module: torch.nn.Module) -> bool:
     return any(p.is_inference() for p in module.parameters())
 
 
-def build_training_patcher(model, adapters: dict[str, LoraAdapter], *, compute_dtype: torch.dtype | None,
-                           gradient_checkpointing: bool):
+def build_training_patcher(
+    model,
+    adapters: dict[str, LoraAdapter],
+    *,
+    compute_dtype: torch.dtype | None,
+    gradient_checkpointing: bool,
+):
     """A clone of ``model`` that predicts velocities and carries the LoRA adapters."""
     patcher = model.clone()
     diffusion_model = patcher.model.diffusion_model
     if compute_dtype is not None:
         patcher.set_model_compute_dtype(compute_dtype)
-    patcher.add_object_patch("model_sampling", velocity_model_sampling(patcher.get_model_object("model_sampling")))
+    patcher.add_object_patch(
+        "model_sampling", velocity_model_sampling(patcher.get_model_object("model_sampling"))
+    )
     for name, adapter in adapters.items():
-        patcher.add_object_patch(f"diffusion_model.{name}.forward", LoraForward(diffusion_model.get_submodule(name), adapter))
+        patcher.add_object_patch(
+            f"diffusion_model.{name}.forward", LoraForward(diffusion_model.get_submodule(name), adapter)
+        )
     if gradient_checkpointing:
         for prefix in ("layers", "noise_refiner", "context_refiner"):
             for index, block in enumerate(getattr(diffusion_model, prefix, [])):
-                patcher.add_object_patch(f"diffusion_model.{prefix}.{index}.forward", CheckpointedForward(block))
+                patcher.add_object_patch(
+                    f"diffusion_model.{prefix}.{index}.forward", CheckpointedForward(block)
+                )
     if has_inference_weights(diffusion_model):
         for name, module in diffusion_model.named_modules():
             if hasattr(module, "comfy_cast_weights") and getattr(module, "weight", None) is not None:
@@ -99,7 +113,9 @@ def load_for_training(patcher, blocks_to_swap: int = 0) -> None:
     if blocks_to_swap > 0:
         layers = patcher.model.diffusion_model.layers
         per_block = sum(p.numel() * p.element_size() for p in layers[0].parameters())
-        freed = patcher.partially_unload(patcher.offload_device, memory_to_free=per_block * min(blocks_to_swap, len(layers)))
+        freed = patcher.partially_unload(
+            patcher.offload_device, memory_to_free=per_block * min(blocks_to_swap, len(layers))
+        )
         return freed
     return 0
 

@@ -38,8 +38,14 @@ def make_optimizer(name: str, params, *, lr: float, weight_decay: float):
             from transformers.optimization import Adafactor
         except ImportError as exc:
             raise OptimizerUnavailable("optimizer_type: Adafactor needs the transformers package") from exc
-        return Adafactor(params, lr=lr, weight_decay=weight_decay, relative_step=False, scale_parameter=False,
-                         warmup_init=False)
+        return Adafactor(
+            params,
+            lr=lr,
+            weight_decay=weight_decay,
+            relative_step=False,
+            scale_parameter=False,
+            warmup_init=False,
+        )
     if name == "Prodigy":
         try:
             from prodigyopt import Prodigy
@@ -52,7 +58,9 @@ def make_optimizer(name: str, params, *, lr: float, weight_decay: float):
     raise ValueError(f"optimizer_type: unknown optimizer {name!r}")
 
 
-def lr_factor(step: int, *, schedule: str, total_steps: int, warmup_steps: int = 0, num_cycles: int = 1) -> float:
+def lr_factor(
+    step: int, *, schedule: str, total_steps: int, warmup_steps: int = 0, num_cycles: int = 1
+) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
@@ -73,7 +81,8 @@ def lr_factor(step: int, *, schedule: str, total_steps: int, warmup_steps: int =
 
 def make_scheduler(optimizer, *, schedule: str, total_steps: int, warmup_steps: int, num_cycles: int):
     def factor(step):
-        return lr_factor(step, schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps,
-                         num_cycles=num_cycles)
+        return lr_factor(
+            step, schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps, num_cycles=num_cycles
+        )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

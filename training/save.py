@@ -29,24 +29,27 @@ def convert_keys(lora: dict[str, torch.Tensor], key_format: str) -> dict[str, to
     for key, tensor in lora.items():
         if not key.startswith(_NATIVE_PREFIX):
             raise ValueError(f"lora: key {key!r} is not a ComfyUI-native diffusion_model key")
-        stem, _, suffix = key[len(_NATIVE_PREFIX):].rpartition(".lora_")
+        stem, _, suffix = key[len(_NATIVE_PREFIX) :].rpartition(".lora_")
         if stem:
             out[f"lora_unet_{stem.replace('.', '_')}.lora_{suffix}"] = tensor
         else:
-            module, _, last = key[len(_NATIVE_PREFIX):].rpartition(".")
+            module, _, last = key[len(_NATIVE_PREFIX) :].rpartition(".")
             out[f"lora_unet_{module.replace('.', '_')}.{last}"] = tensor
     return out
 
 
 def prepare_tensors(lora: dict[str, torch.Tensor], dtype: str, key_format: str) -> dict[str, torch.Tensor]:
     if not isinstance(lora, dict) or not lora or not all(isinstance(v, torch.Tensor) for v in lora.values()):
-        raise ValueError("lora: expected a LORA_MODEL (a dict of tensors) from LTLoraTrainer or TrainLoraNode")
+        raise ValueError(
+            "lora: expected a LORA_MODEL (a dict of tensors) from LTLoraTrainer or TrainLoraNode"
+        )
     target = DTYPES[dtype]
     tensors = {}
     for key, tensor in convert_keys(lora, key_format).items():
         keep = key.endswith(".alpha") or not tensor.is_floating_point()
-        tensors[key] = tensor.detach().to("cpu", torch.float32 if key.endswith(".alpha") else
-                                          (tensor.dtype if keep else target))
+        tensors[key] = tensor.detach().to(
+            "cpu", torch.float32 if key.endswith(".alpha") else (tensor.dtype if keep else target)
+        )
     return tensors
 
 
@@ -63,8 +66,16 @@ def next_free_path(folder: Path, prefix: str) -> Path:
     return directory / f"{base}_{counter:05}_.safetensors"
 
 
-def save_lora_file(lora, folder, prefix: str, *, dtype: str = "bf16", key_format: str = "comfyui",
-                   metadata: dict | None = None, exact_path: Path | None = None) -> Path:
+def save_lora_file(
+    lora,
+    folder,
+    prefix: str,
+    *,
+    dtype: str = "bf16",
+    key_format: str = "comfyui",
+    metadata: dict | None = None,
+    exact_path: Path | None = None,
+) -> Path:
     """Write ``lora`` under ``folder`` (or to ``exact_path``); returns the file written."""
     tensors = prepare_tensors(lora, dtype, key_format)
     info = {str(k): str(v) for k, v in (getattr(lora, "metadata", None) or {}).items()}
