@@ -3,7 +3,7 @@ checkpoint identity, LoRA targets and initialisation, every loss option wired, b
 
 import pytest
 import torch
-from training_support import build, small_config, tiny_family, token_length
+from training_support import build, one_thread, small_config, tiny_family, token_length  # noqa: F401
 
 from lumina_turbo.training import checkpoint, engine, lora
 from lumina_turbo.training.example_dataset import solid_image, write_concept_dataset, write_image

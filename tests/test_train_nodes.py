@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from harness import REPO, PromptFailed, graph
 from PIL import Image
+from training_support import one_thread  # noqa: F401 (autouse: one torch thread)
 
 from lumina_turbo.training.example_dataset import solid_image, write_concept_dataset, write_image
 
