@@ -1,0 +1,246 @@
+"""Headless training: ``python -m lumina_turbo.train --config file.toml`` (same engine as LTLoraTrainer).
+
+The package must be importable as ``lumina_turbo`` - inside a ComfyUI install that is
+``PYTHONPATH=ComfyUI/custom_nodes``. ComfyUI itself is found from ``--comfyui``, ``$COMFYUI_PATH``, the
+folder above ``custom_nodes/`` the package was imported from, or this repository's ``.comfyui/`` dev host.
+Relative paths in the TOML (model files, dataset folders, output/checkpoint/cache folders) are relative to
+the TOML file's folder; model names that are not paths are looked up in ComfyUI's models/ folders.
+Exit status: 0 done, 2 bad config/data/model (one-line error, no traceback), 3 training stopped (NaN),
+130 interrupted (a checkpoint was written; run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import config as cfg
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_comfyui(explicit: str | None) -> Path:
+    candidates = [explicit, os.environ.get("COMFYUI_PATH")]
+    package = sys.modules.get("lumina_turbo")
+    if package is not None and getattr(package, "__file__", None):
+        imported_from = Path(package.__file__).parent  # not resolved: the custom_nodes link, if any
+        if imported_from.parent.name == "custom_nodes":
+            candidates.append(str(imported_from.parent.parent))
+    candidates.append(str(PACKAGE_ROOT / ".comfyui"))
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "comfy" / "model_management.py").is_file():
+            return Path(candidate).resolve()
+    raise cfg.ConfigError(
+        "ComfyUI not found: pass --comfyui /path/to/ComfyUI (or set COMFYUI_PATH); the trainer uses its model "
+        "management and model classes"
+    )
+
+
+def bootstrap_comfyui(root: Path, cpu: bool) -> None:
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import torch
+    import utils.extra_config  # noqa: F401  (ComfyUI's utils package must win over comfy/utils.py)
+    from comfy.cli_args import args
+
+    accelerator = (
+        torch.cuda.is_available()
+        or torch.backends.mps.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    )
+    args.cpu = args.cpu or cpu or not accelerator
+    import comfy.model_management  # noqa: F401  (reads args at import)
+
+
+def _path(value: str, base: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def load_models(config: cfg.TrainConfig, base: Path):
+    import folder_paths
+
+    from ..models import loading
+
+    dtype = loading.DTYPES[config.weight_dtype]
+    if not config.transformer:
+        raise cfg.ConfigError(
+            "[model] transformer (or dit) is required: a diffusers folder or a transformer file"
+        )
+
+    def locate(value: str, kinds: tuple[str, ...]) -> Path:
+        path = _path(value, base)
+        if path.exists():
+            return path
+        for kind in kinds:
+            for root in folder_paths.get_folder_paths(kind):
+                if (Path(root) / value).exists():
+                    return Path(root) / value
+        raise cfg.ConfigError(
+            f"[model] {value!r} is neither a path nor a name in ComfyUI's models/{'/'.join(kinds)}"
+        )
+
+    transformer = locate(config.transformer, ("diffusers", "diffusion_models"))
+    if transformer.is_dir():
+        model = loading.load_transformer_folder(transformer, dtype)
+        clip = loading.clip_from_diffusers_folder(transformer) if not config.text_encoder else None
+        vae = loading.vae_from_diffusers_folder(transformer) if not config.vae else None
+    else:
+        if not config.text_encoder or not config.vae:
+            raise cfg.ConfigError("[model] a single transformer file needs text_encoder and vae files too")
+        model, clip, vae = loading.load_transformer_file(transformer, dtype), None, None
+    if clip is None:
+        clip = loading.load_text_encoder_file(locate(config.text_encoder, ("text_encoders", "clip")))
+    if vae is None:
+        vae = loading.load_vae_file(locate(config.vae, ("vae",)))
+    return model, clip, vae
+
+
+def dataset_records(config: cfg.TrainConfig, base: Path):
+    from .data_files import DatasetError, scan_folder
+
+    sources = list(config.sources)
+    if config.folder:
+        sources.insert(0, {"folder": config.folder, "num_repeats": config.num_repeats})
+    if not sources:
+        raise cfg.ConfigError("[dataset] folder (or [[dataset.sources]] folder) is required")
+    records = []
+    for source in sources:
+        folder = _path(source["folder"], base)
+        if not folder.is_dir():
+            raise DatasetError(f"[dataset] folder {folder} does not exist or is not a folder")
+        records += scan_folder(
+            folder, num_repeats=source.get("num_repeats", 1), caption_extension=config.caption_extension
+        )
+    return records
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m lumina_turbo.train", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--config", required=True, help="TOML file with [model] [acrf] [lora] [training] [dataset]"
+    )
+    parser.add_argument("--comfyui", help="ComfyUI folder (default: found automatically)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU")
+    parser.add_argument(
+        "--check", action="store_true", help="only validate the config and the dataset folder"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    options = parse_args(sys.argv[1:] if argv is None else argv)
+    config_path = Path(options.config).resolve()
+    base = config_path.parent
+    try:
+        config = cfg.load_toml(config_path)
+        records = None if config.folder == "" and not config.sources else dataset_records(config, base)
+        if options.check:
+            if records is None:
+                dataset_records(config, base)
+            print(f"ok: {config_path} is valid; {len(records or [])} captioned images")
+            return 0
+        return _train(config, options, base, records)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the last completed step was checkpointed; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as exc:  # noqa: BLE001 - known errors become one line; anything else keeps its traceback
+        from .checkpoint import CheckpointMismatch
+        from .data_files import DatasetError
+        from .optim import OptimizerUnavailable
+
+        known = (cfg.ConfigError, DatasetError, CheckpointMismatch, OptimizerUnavailable)
+        if isinstance(exc, known) or type(exc).__name__ in ("ModelFileError", "TrainingDiverged"):
+            print(f"error: {exc}", file=sys.stderr)
+            return 3 if type(exc).__name__ == "TrainingDiverged" else 2
+        if type(exc).__name__ == "InterruptProcessingException":
+            print("interrupted: checkpoint written; run the same command to resume", file=sys.stderr)
+            return 130
+        raise
+
+
+def _train(config: cfg.TrainConfig, options, base: Path, records) -> int:
+    bootstrap_comfyui(find_comfyui(options.comfyui), options.cpu)
+    import comfy.model_management as mm
+    import folder_paths
+    import torch
+    from tqdm.auto import tqdm
+
+    from .dataset import build_dataset
+    from .engine import LoraTrainer
+    from .save import save_lora_file
+
+    if records is None:
+        records = dataset_records(config, base)
+    model, clip, vae = load_models(config, base)
+    output = Path(folder_paths.get_output_directory())
+    cache_root = _path(config.cache_dir, base) if config.cache_dir else output / "lumina_turbo_cache"
+    with tqdm(total=len(records) + 1, desc="caching latents and captions", leave=False) as bar:
+        with torch.inference_mode():
+            dataset = build_dataset(
+                records,
+                vae=vae,
+                clip=clip,
+                cache_root=cache_root,
+                resolution=config.resolution,
+                bucket_step=config.bucket_step,
+                enable_bucket=config.enable_bucket,
+                max_aspect_ratio=config.max_aspect_ratio,
+                caption_dropout_rate=config.caption_dropout_rate,
+                max_sequence_length=config.max_sequence_length,
+                system_prompt=config.system_prompt,
+                progress=lambda done, total: (
+                    bar.update(done - bar.n) if bar.total == total else bar.reset(total)
+                ),
+            )
+    s = dataset.stats
+    print(
+        f"dataset: {s['images']} images, latents {s['latents_encoded']} encoded / {s['latents_cached']} cached, "
+        f"captions {s['texts_encoded']} encoded / {s['texts_cached']} cached ({cache_root})"
+    )
+    del vae, clip
+    run_dir = (
+        _path(config.checkpoint_dir, base)
+        if config.checkpoint_dir
+        else (output / "lumina_turbo_training" / config.output_name)
+    )
+    with tqdm(desc="training", unit="step") as bar:
+
+        def on_step(step, total, loss, lr):
+            bar.total = total
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+        trainer = LoraTrainer(
+            config,
+            model,
+            dataset,
+            run_dir=run_dir,
+            on_step=on_step,
+            check_interrupt=mm.throw_exception_if_processing_interrupted,
+        )
+        result = trainer.run()
+    out_dir = (
+        _path(config.output_dir, base)
+        if config.output_dir
+        else Path(folder_paths.get_folder_paths("loras")[0])
+    )
+    path = save_lora_file(
+        result.lora,
+        out_dir,
+        config.output_name,
+        dtype=config.save_dtype,
+        exact_path=out_dir / f"{config.output_name}.safetensors",
+    )
+    last = f", final loss {result.loss_history[-1]:.5g}" if result.loss_history else ""
+    print(
+        f"saved {path} ({result.steps} steps, resumed at {result.resumed_from}{last}); checkpoint {result.checkpoint}"
+    )
+    return 0
