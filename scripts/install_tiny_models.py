@@ -22,6 +22,10 @@ def factory_stamp() -> str:
 
 
 def install(models_dir: Path) -> Path:
+    register_pack()
+    from lumina_turbo.training.example_dataset import install_example
+
+    install_example(models_dir.parent / "input")  # the LoRA-training example's images + captions
     stamp_file = models_dir / ".tiny-random-models"
     stamp = factory_stamp()
     if stamp_file.is_file() and stamp_file.read_text() == stamp:
