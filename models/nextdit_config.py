@@ -367,4 +367,4 @@ def validate_unet_config(unet_config, state_dict):
     for key, shape in expected.items():
         actual = tuple(state_dict[key].shape)
         if actual != shape:
-            raise ValueError(f"state_dict['{key}'] has shape {actual} but unet_config builds {shape}")
+            raise ValueError(f"state_dict['{key}'] has shape {actual} but the config gives {shape}")

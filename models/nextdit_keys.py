@@ -119,6 +119,34 @@ _BLOCK_STACKS = ("layers", "noise_refiner", "context_refiner")
 _QKV_COMFY = "attention.qkv.weight"
 
 
+BLOCK_STACKS = _BLOCK_STACKS
+QKV_MODULE = "attention.qkv"  # ComfyUI's fused q/k/v Linear inside every block
+
+
+def module_renames(family):
+    """The key tables above at module level (for LoRA key mapping in ``models.lora_keys``).
+
+    Returns ``(top, block, qkv)``: ``top`` maps diffusers module names outside the blocks to
+    ComfyUI's, ``block`` does the same for names after ``<stack>.<i>.``, and ``qkv`` is the diffusers
+    (q, k, v) module triple that ComfyUI fuses, in that row order, into ``attention.qkv``. Parameters
+    that are not a module's weight (the pad tokens) keep their full name.
+    """
+    if family not in _TABLES:
+        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
+
+    def modules(table):
+        out = {}
+        for src, dst in table.items():
+            if src.endswith(".weight"):
+                out[src[: -len(".weight")]] = dst[: -len(".weight")]
+            elif not src.endswith(".bias"):
+                out[src] = dst
+        return out
+
+    top, block, qkv = _TABLES[family]
+    return modules(top), modules(block), tuple(name[: -len(".weight")] for name in qkv)
+
+
 def detect_diffusers_family(state_dict):
     """Return ``"lumina2"`` or ``"zimage"`` for a diffusers transformer state dict, else raise ValueError."""
     if "time_caption_embed.caption_embedder.1.weight" in state_dict:
@@ -150,14 +178,17 @@ def _split_block_key(key):
     return None
 
 
-def diffusers_to_comfy(state_dict, family=None, add_unused_norm_final=True):
+def diffusers_to_comfy(state_dict, family=None, add_unused_norm_final=True, consume=False):
     """Convert a diffusers Lumina-2 / Z-Image transformer state dict to ComfyUI NextDiT keys.
 
     Args:
-        state_dict: mapping of diffusers key -> tensor (not modified; tensors are shared, only
-            the fused qkv is a new tensor).
+        state_dict: mapping of diffusers key -> tensor. Tensors are shared with the result, only
+            the fused qkv are new tensors.
         family: ``"lumina2"``, ``"zimage"`` or None to detect it from the keys.
         add_unused_norm_final: add ComfyUI's unused ``norm_final.weight`` (ones) for strict loading.
+        consume: remove each entry from ``state_dict`` as it is converted (it ends empty), so that a
+            loader holding no other reference never has the fused qkv and all of q/k/v at once.
+            Otherwise ``state_dict`` is not modified.
 
     Returns:
         dict of ComfyUI key -> tensor. Every input key is used exactly once; an unknown key, or a
@@ -169,23 +200,10 @@ def diffusers_to_comfy(state_dict, family=None, add_unused_norm_final=True):
         raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
     top, block, qkv_names = _TABLES[family]
 
-    out = {}
-    qkv_parts = {}  # block prefix -> {diffusers qkv name: tensor}
     unknown = []
-    for key, tensor in state_dict.items():
-        if key in top:
-            out[top[key]] = tensor
-            continue
+    for key in state_dict:
         split = _split_block_key(key)
-        if split is None:
-            unknown.append(key)
-            continue
-        prefix, rest = split
-        if rest in qkv_names:
-            qkv_parts.setdefault(prefix, {})[rest] = tensor
-        elif rest in block:
-            out[prefix + block[rest]] = tensor
-        else:
+        if key not in top and (split is None or (split[1] not in qkv_names and split[1] not in block)):
             unknown.append(key)
     if unknown:
         raise ValueError(
@@ -193,19 +211,25 @@ def diffusers_to_comfy(state_dict, family=None, add_unused_norm_final=True):
             f"that ComfyUI's NextDiT can hold, e.g. {sorted(unknown)[:5]}"
         )
 
+    out = {}
+    qkv_parts = {}  # block prefix -> {diffusers qkv name: tensor}, until all three are there
+    for key in list(state_dict):
+        tensor = state_dict.pop(key) if consume else state_dict[key]
+        if key in top:
+            out[top[key]] = tensor
+            continue
+        prefix, rest = _split_block_key(key)
+        if rest not in qkv_names:
+            out[prefix + block[rest]] = tensor
+            continue
+        parts = qkv_parts.setdefault(prefix, {})
+        parts[rest] = tensor
+        if len(parts) == len(qkv_names):
+            out[prefix + _QKV_COMFY] = _fuse_qkv(prefix, *(parts[name] for name in qkv_names))
+            del qkv_parts[prefix]
     for prefix, parts in qkv_parts.items():
-        missing = [name for name in qkv_names if name not in parts]
-        if missing:
-            raise ValueError(
-                f"state_dict: {prefix}{missing[0]} is missing (needed to build {prefix}{_QKV_COMFY})"
-            )
-        q, k, v = (parts[name] for name in qkv_names)
-        if not (q.shape[1:] == k.shape[1:] == v.shape[1:]) or k.shape != v.shape:
-            raise ValueError(
-                f"state_dict: {prefix}q/k/v shapes do not fit one attention: "
-                f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (expected k == v and equal input width)"
-            )
-        out[prefix + _QKV_COMFY] = torch.cat((q, k, v), dim=0)
+        missing = next(name for name in qkv_names if name not in parts)
+        raise ValueError(f"state_dict: {prefix}{missing} is missing (needed to build {prefix}{_QKV_COMFY})")
 
     if add_unused_norm_final and "norm_final.weight" not in out:
         ref = out.get("cap_embedder.1.weight")
@@ -213,3 +237,12 @@ def diffusers_to_comfy(state_dict, family=None, add_unused_norm_final=True):
             raise ValueError("state_dict: the caption embedder weight is missing (cannot size norm_final)")
         out["norm_final.weight"] = torch.ones(ref.shape[0], dtype=ref.dtype, device=ref.device)
     return out
+
+
+def _fuse_qkv(prefix, q, k, v):
+    if not (q.shape[1:] == k.shape[1:] == v.shape[1:]) or k.shape != v.shape:
+        raise ValueError(
+            f"state_dict: {prefix}q/k/v shapes do not fit one attention: "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (expected k == v and equal input width)"
+        )
+    return torch.cat((q, k, v), dim=0)

@@ -18,30 +18,52 @@ from .safetensors_io import load_folder_state_dict
 
 # family -> (ComfyUI model name, head_dim fixed by ComfyUI's config class)
 TEXT_ENCODERS = {"gemma2": ("gemma2_2b", 256), "qwen3": ("qwen3_4b", 128)}
+# transformers' config.json model_type -> family
+HF_MODEL_TYPES = {"gemma2": "gemma2", "qwen3": "qwen3"}
 
 
 def detect_text_encoder(sd: dict[str, torch.Tensor], source: str) -> str:
-    if "model.layers.0.post_feedforward_layernorm.weight" in sd and "model.layers.0.self_attn.q_norm.weight" not in sd:
+    if (
+        "model.layers.0.post_feedforward_layernorm.weight" in sd
+        and "model.layers.0.self_attn.q_norm.weight" not in sd
+    ):
         return "gemma2"
-    if "model.layers.0.self_attn.q_norm.weight" in sd and "model.layers.0.post_attention_layernorm.weight" in sd:
+    if (
+        "model.layers.0.self_attn.q_norm.weight" in sd
+        and "model.layers.0.post_attention_layernorm.weight" in sd
+    ):
         return "qwen3"
-    raise ModelFileError(source, "a Gemma-2 (Lumina-Image-2.0) or Qwen3 (Z-Image) text encoder "
-                         "with HF key names (model.layers.N.self_attn...)")
+    raise ModelFileError(
+        source,
+        "a Gemma-2 (Lumina-Image-2.0) or Qwen3 (Z-Image) text encoder "
+        "with HF key names (model.layers.N.self_attn...)",
+    )
 
 
-def text_encoder_config(sd: dict[str, torch.Tensor], kind: str, source: str, hf_config: dict | None = None) -> dict:
+def text_encoder_config(
+    sd: dict[str, torch.Tensor], kind: str, source: str, hf_config: dict | None = None
+) -> dict:
     """ComfyUI config overrides read from the tensor shapes (and config.json where shapes can't tell)."""
     _, head_dim = TEXT_ENCODERS[kind]
     embed = sd["model.embed_tokens.weight"]
     q = sd["model.layers.0.self_attn.q_proj.weight"]
     k = sd["model.layers.0.self_attn.k_proj.weight"]
     if kind == "qwen3" and sd["model.layers.0.self_attn.q_norm.weight"].shape[0] != head_dim:
-        raise ModelFileError(source, f"Qwen3 head_dim {head_dim} (ComfyUI's Qwen3 class fixes it), "
-                             f"got q_norm of size {sd['model.layers.0.self_attn.q_norm.weight'].shape[0]}")
+        raise ModelFileError(
+            source,
+            f"Qwen3 head_dim {head_dim} (ComfyUI's Qwen3 class fixes it), "
+            f"got q_norm of size {sd['model.layers.0.self_attn.q_norm.weight'].shape[0]}",
+        )
     if hf_config and hf_config.get("head_dim", head_dim) != head_dim:
-        raise ModelFileError(source, f"head_dim {head_dim} (fixed by ComfyUI's {kind} class), config.json says {hf_config['head_dim']}")
+        raise ModelFileError(
+            source,
+            f"head_dim {head_dim} (fixed by ComfyUI's {kind} class), config.json says {hf_config['head_dim']}",
+        )
     if q.shape[0] % head_dim or k.shape[0] % head_dim:
-        raise ModelFileError(source, f"q/k projections in multiples of head_dim {head_dim}, got {tuple(q.shape)} / {tuple(k.shape)}")
+        raise ModelFileError(
+            source,
+            f"q/k projections in multiples of head_dim {head_dim}, got {tuple(q.shape)} / {tuple(k.shape)}",
+        )
     n_layers = 1 + max(int(key.split(".")[2]) for key in sd if key.startswith("model.layers."))
     config = {
         "vocab_size": embed.shape[0],
@@ -51,9 +73,14 @@ def text_encoder_config(sd: dict[str, torch.Tensor], kind: str, source: str, hf_
         "num_attention_heads": q.shape[0] // head_dim,
         "num_key_value_heads": k.shape[0] // head_dim,
     }
-    for key in ("rope_theta", "rms_norm_eps", "max_position_embeddings"):
-        if hf_config and key in hf_config:
-            config[key] = hf_config[key]
+    if hf_config:
+        # transformers 5 writes rope_theta inside rope_parameters; older configs at the top level
+        rope_theta = (hf_config.get("rope_parameters") or {}).get("rope_theta", hf_config.get("rope_theta"))
+        if rope_theta is not None:
+            config["rope_theta"] = rope_theta
+        for key in ("rms_norm_eps", "max_position_embeddings"):
+            if key in hf_config:
+                config[key] = hf_config[key]
     return config
 
 
@@ -64,29 +91,69 @@ def clip_from_state_dict(sd: dict[str, torch.Tensor], source: str, hf_config: di
     kind = detect_text_encoder(sd, source)
     model_name, _ = TEXT_ENCODERS[kind]
     if kind == "gemma2" and "spiece_model" not in sd:
-        raise ModelFileError(source, "the Gemma SentencePiece tokenizer (tokenizer/tokenizer.model in a "
-                             "diffusers folder, or a 'spiece_model' tensor in a single file)")
+        raise ModelFileError(
+            source,
+            "the Gemma SentencePiece tokenizer (tokenizer/tokenizer.model in a "
+            "diffusers folder, or a 'spiece_model' tensor in a single file)",
+        )
     options = {f"{model_name}_model_config": text_encoder_config(sd, kind, source, hf_config)}
     return comfy.sd.load_text_encoder_state_dicts(
         [sd], clip_type=comfy.sd.CLIPType.LUMINA2, model_options=options
     )
 
 
-def clip_from_diffusers_folder(folder: Path):
+def check_tokenizer(folder: str | Path) -> str:
+    """The text encoder kind of a diffusers folder ("gemma2" or "qwen3"), once its tokenizer files are there.
+
+    Gemma needs ``tokenizer/tokenizer.model`` (ComfyUI's Gemma tokenizer is SentencePiece). For Qwen3
+    ComfyUI encodes with the Qwen tokenizer it ships; the folder's own ``tokenizer/`` must still be
+    there, so that a half-copied folder is refused rather than silently completed.
+    """
+    folder = Path(folder)
+    config_path = folder / "text_encoder" / "config.json"
+    if not config_path.is_file():
+        raise ModelFileError(config_path, "the text encoder's config.json", "it does not exist")
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ModelFileError(
+            config_path,
+            "a Gemma-2 (Lumina-Image-2.0) or Qwen3 (Z-Image) text encoder",
+            f"model_type is {model_type!r}",
+        )
+    kind = HF_MODEL_TYPES[model_type]
+    tokenizer = folder / "tokenizer"
+    if kind == "gemma2" and not (tokenizer / "tokenizer.model").is_file():
+        raise ModelFileError(
+            tokenizer / "tokenizer.model",
+            "Gemma's SentencePiece model (ComfyUI's Gemma tokenizer needs it)",
+            "it does not exist",
+        )
+    if kind == "qwen3" and not any((tokenizer / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        raise ModelFileError(
+            tokenizer, "the Qwen tokenizer folder (tokenizer.json or vocab.json)", "none found"
+        )
+    return kind
+
+
+def clip_from_diffusers_folder(folder: str | Path):
     """``text_encoder/`` (HF model, possibly sharded) + ``tokenizer/`` of a diffusers folder."""
     folder = Path(folder)
+    kind = check_tokenizer(folder)
     te_dir = folder / "text_encoder"
-    config_path = te_dir / "config.json"
-    if not config_path.is_file():
-        raise ModelFileError(config_path, "the text encoder's config.json")
-    hf_config = json.loads(config_path.read_text())
+    hf_config = json.loads((te_dir / "config.json").read_text())
     raw = load_folder_state_dict(te_dir)
-    sd = {k if k.startswith("model.") else f"model.{k}": v for k, v in raw.items() if not k.startswith("lm_head.")}
-    if detect_text_encoder(sd, str(te_dir)) == "gemma2":
-        spm_path = folder / "tokenizer" / "tokenizer.model"
-        if not spm_path.is_file():
-            raise ModelFileError(spm_path, "Gemma's SentencePiece model (ComfyUI's Gemma tokenizer needs it)")
-        sd["spiece_model"] = torch.frombuffer(bytearray(spm_path.read_bytes()), dtype=torch.uint8)
-    elif not (folder / "tokenizer").is_dir():
-        raise ModelFileError(folder / "tokenizer", "the tokenizer folder")
+    sd = {
+        k if k.startswith("model.") else f"model.{k}": v
+        for k, v in raw.items()
+        if not k.startswith("lm_head.")
+    }
+    if detect_text_encoder(sd, str(te_dir)) != kind:
+        raise ModelFileError(
+            te_dir,
+            f"{kind} weights, as config.json says",
+            f"the tensors are {detect_text_encoder(sd, str(te_dir))}",
+        )
+    if kind == "gemma2":
+        spm = (folder / "tokenizer" / "tokenizer.model").read_bytes()
+        sd["spiece_model"] = torch.frombuffer(bytearray(spm), dtype=torch.uint8)
     return clip_from_state_dict(sd, str(te_dir), hf_config)

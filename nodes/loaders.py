@@ -8,23 +8,36 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..models import loading
+from ..models.errors import ModelFileError
+from ..models.safetensors_io import read_header
 
 FROM_FOLDER = "(from the diffusers folder)"
 
 
+def _diffusers_roots() -> list[str]:
+    return [root for root in folder_paths.get_folder_paths("diffusers") if os.path.isdir(root)]
+
+
 def diffusers_folders() -> list[str]:
-    """Sub-folders of models/diffusers/ that hold a diffusers transformer."""
+    """Sub-folders of models/diffusers/ whose transformer is Lumina-Image-2.0 or Z-Image."""
     found = set()
-    for root in folder_paths.get_folder_paths("diffusers"):
-        if os.path.isdir(root):
-            found.update(name for name in os.listdir(root) if loading.is_diffusers_folder(os.path.join(root, name)))
+    for root in _diffusers_roots():
+        for name in os.listdir(root):
+            try:
+                loading.transformer_config(os.path.join(root, name))
+                found.add(name)
+            except ModelFileError:
+                pass  # another model, or a broken one: validate_inputs explains it if it is chosen
     return sorted(found)
 
 
 def diffusers_folder_path(name: str) -> str | None:
-    for root in folder_paths.get_folder_paths("diffusers"):
+    """The folder under models/diffusers/ called ``name`` (the first root that has it)."""
+    if name in ("", ".", "..") or os.path.basename(name) != name:
+        return None  # only direct sub-folders are offered; never look outside models/diffusers/
+    for root in _diffusers_roots():
         path = os.path.join(root, name)
-        if loading.is_diffusers_folder(path):
+        if os.path.isdir(path):
             return path
     return None
 
@@ -54,48 +67,89 @@ class LTModelLoader(io.ComfyNode):
                 "The architecture is read from the files, not guessed."
             ),
             inputs=[
-                io.Combo.Input("model", options=choices["model"],
-                               tooltip="A diffusers folder (models/diffusers/) or a transformer file (models/diffusion_models/)."),
-                io.Combo.Input("text_encoder", options=choices["text_encoder"],
-                               default=FROM_FOLDER,
-                               tooltip="Gemma-2 (Lumina-2) or Qwen3 (Z-Image) file from models/text_encoders/, "
-                                       "or the diffusers folder's own text_encoder/ + tokenizer/."),
-                io.Combo.Input("vae", options=choices["vae"], default=FROM_FOLDER,
-                               tooltip="The 16-channel Flux-style VAE from models/vae/, or the diffusers folder's vae/."),
-                io.Combo.Input("weight_dtype", options=choices["weight_dtype"], default="default",
-                               tooltip="Transformer weight dtype; 'default' keeps what the files hold."),
+                io.Combo.Input(
+                    "model",
+                    options=choices["model"],
+                    tooltip="A diffusers folder (models/diffusers/) or a transformer file (models/diffusion_models/).",
+                ),
+                io.Combo.Input(
+                    "text_encoder",
+                    options=choices["text_encoder"],
+                    default=FROM_FOLDER,
+                    tooltip="Gemma-2 (Lumina-2) or Qwen3 (Z-Image) file from models/text_encoders/, "
+                    "or the diffusers folder's own text_encoder/ + tokenizer/.",
+                ),
+                io.Combo.Input(
+                    "vae",
+                    options=choices["vae"],
+                    default=FROM_FOLDER,
+                    tooltip="The 16-channel Flux-style VAE from models/vae/, or the diffusers folder's vae/.",
+                ),
+                io.Combo.Input(
+                    "weight_dtype",
+                    options=choices["weight_dtype"],
+                    default="default",
+                    tooltip="Transformer weight dtype; 'default' keeps what the files hold.",
+                ),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )
 
     @classmethod
     def validate_inputs(cls, model, text_encoder, vae, weight_dtype):
-        # ComfyUI 0.3.75 does not check V3 combo values itself: refuse unknown names before queueing.
+        # ComfyUI 0.3.75 does not check V3 combo values itself: refuse unknown names before queueing,
+        # and run the cheap file checks (headers, shard lists, tokenizer files) before any loading.
+        folder = diffusers_folder_path(model)
+        try:
+            if folder is not None:
+                parts = ["transformer"] + [
+                    name
+                    for name, value in (("text_encoder", text_encoder), ("vae", vae))
+                    if value == FROM_FOLDER
+                ]
+                loading.check_diffusers_folder(folder, parts)
+            elif FROM_FOLDER in (text_encoder, vae) and model in folder_paths.get_filename_list(
+                "diffusion_models"
+            ):
+                return (
+                    f"model: {model!r} is a single transformer file, so text_encoder and vae must name files "
+                    f"(models/text_encoders/, models/vae/), not {FROM_FOLDER!r}"
+                )
+            files = [("text_encoders", text_encoder), ("vae", vae)]
+            if folder is None:
+                files.append(("diffusion_models", model))
+            for kind, name in files:
+                path = folder_paths.get_full_path(kind, name) if name != FROM_FOLDER else None
+                if path is not None:
+                    read_header(path)  # a truncated or corrupt file is refused before anything loads
+        except ModelFileError as error:
+            return str(error)
         values = {"model": model, "text_encoder": text_encoder, "vae": vae, "weight_dtype": weight_dtype}
         for name, options in loader_choices().items():
             if values[name] not in options:
-                value = values[name]
-                return f"{name}: {value!r} is not one of the {len(options)} available choices"
+                return f"{name}: {values[name]!r} is not one of the {len(options)} available choices"
         return True
 
     @classmethod
     def execute(cls, model, text_encoder, vae, weight_dtype) -> io.NodeOutput:
         dtype = loading.DTYPES[weight_dtype]
         folder = diffusers_folder_path(model)
-        if folder is None and (text_encoder == FROM_FOLDER or vae == FROM_FOLDER):
-            raise ValueError(f"model: {model!r} is a single transformer file, so text_encoder and vae must name "
-                             f"files (models/text_encoders/, models/vae/), not {FROM_FOLDER!r}")
         if folder is not None:
             diffusion_model = loading.load_transformer_folder(folder, dtype)
         else:
-            diffusion_model = loading.load_transformer_file(folder_paths.get_full_path_or_raise("diffusion_models", model), dtype)
+            path = folder_paths.get_full_path_or_raise("diffusion_models", model)
+            diffusion_model = loading.load_transformer_file(path, dtype)
         if text_encoder == FROM_FOLDER:
             clip = loading.clip_from_diffusers_folder(folder)
         else:
-            clip = loading.load_text_encoder_file(folder_paths.get_full_path_or_raise("text_encoders", text_encoder))
+            clip = loading.load_text_encoder_file(
+                folder_paths.get_full_path_or_raise("text_encoders", text_encoder)
+            )
         if vae == FROM_FOLDER:
             vae_model = loading.vae_from_diffusers_folder(folder)
         else:
             vae_model = loading.load_vae_file(folder_paths.get_full_path_or_raise("vae", vae))
         return io.NodeOutput(diffusion_model, clip, vae_model)
+
+
 NODES = [LTModelLoader]
