@@ -27,28 +27,59 @@ from pathlib import Path
 
 import torch
 
+from .tiny_transformers import reinit_parameters, tiny_lumina2_transformer, tiny_zimage_transformer
+
 FAMILIES = ("lumina2", "zimage")
 
 # Text encoder sizes. ComfyUI's Gemma-2 and Qwen3 classes fix head_dim (256 and 128) as class
 # attributes, so the tiny encoders keep those head sizes and shrink everything else.
 GEMMA2_TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-    num_key_value_heads=1, head_dim=256, max_position_embeddings=8192, rms_norm_eps=1e-6,
-    rope_theta=10000.0, hidden_activation="gelu_pytorch_tanh",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=256,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    hidden_activation="gelu_pytorch_tanh",
     # ComfyUI's Gemma-2 has no attention soft-capping: leave it off so both stacks are one network.
-    attn_logit_softcapping=None, final_logit_softcapping=None, query_pre_attn_scalar=256,
-    sliding_window=4096, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    attn_logit_softcapping=None,
+    final_logit_softcapping=None,
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
 )
 QWEN3_TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-    num_key_value_heads=1, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
-    rope_theta=1000000.0, tie_word_embeddings=False, vocab_size=151936,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=False,
+    vocab_size=151936,
 )
 VAE_TINY = dict(
-    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 64, 64),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=1, norm_num_groups=32, sample_size=256,
-    use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=(32, 32, 64, 64),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=32,
+    sample_size=256,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
 )
 # The official Qwen3 chat template reduced to what text-to-image prompts use; with
 # enable_thinking=True it renders exactly ComfyUI's Z-Image template.
@@ -65,24 +96,6 @@ _WORDS = (
 ).split()
 
 
-def reinit_(module: torch.nn.Module, seed: int, std: float = 0.02) -> torch.nn.Module:
-    """Overwrite every parameter deterministically (norm weights near 1, the rest small noise).
-
-    The libraries zero-initialise some layers (adaLN, output projections), which would make a
-    random model's output trivially zero; tests need finite, non-trivial outputs.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(module.named_parameters()):
-            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std
-            is_norm = param.ndim == 1 and ("norm" in name or "ln" in name) and name.endswith("weight")
-            param.copy_((1.0 + noise if is_norm else noise).to(param.dtype))
-        for name, buf in module.named_buffers():
-            if buf.is_floating_point() and "running_var" in name:
-                buf.fill_(1.0)
-    return module
-
-
 def gemma_spiece_model(vocab_size: int = 512, seed: int = 0) -> bytes:
     """Train a small SentencePiece model with Gemma's conventions (ids and normalisation)."""
     import sentencepiece as spm
@@ -92,11 +105,25 @@ def gemma_spiece_model(vocab_size: int = 512, seed: int = 0) -> bytes:
     sentences.append("You are an assistant designed to generate superior images <Prompt Start>")
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=out, vocab_size=vocab_size, model_type="bpe",
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
-        bos_piece="<bos>", unk_piece="<unk>", byte_fallback=True, character_coverage=1.0,
-        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        num_threads=1, minloglevel=2,
+        sentence_iterator=iter(sentences),
+        model_writer=out,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        byte_fallback=True,
+        character_coverage=1.0,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        num_threads=1,
+        minloglevel=2,
     )
     return out.getvalue()
 
@@ -111,19 +138,22 @@ def comfy_qwen_tokenizer_dir() -> Path:
 def tiny_vae(seed: int = 0):
     from diffusers import AutoencoderKL
 
-    return reinit_(AutoencoderKL(**VAE_TINY), seed, std=0.05).eval()
+    # gain 0.3 keeps the decoded pixels mostly inside [-1, 1], so images are not saturated
+    return reinit_parameters(AutoencoderKL(**VAE_TINY), seed, gain=0.3).eval()
 
 
 def tiny_text_encoder(family: str, hidden_size: int, seed: int = 0, vocab_size: int | None = None):
     import transformers
 
     if family == "lumina2":
-        config = transformers.Gemma2Config(**{**GEMMA2_TINY, "hidden_size": hidden_size, "vocab_size": vocab_size})
+        config = transformers.Gemma2Config(
+            **{**GEMMA2_TINY, "hidden_size": hidden_size, "vocab_size": vocab_size}
+        )
         model = transformers.Gemma2Model(config)
     else:
         config = transformers.Qwen3Config(**{**QWEN3_TINY, "hidden_size": hidden_size})
         model = transformers.Qwen3Model(config)
-    return reinit_(model, seed + 1, std=0.05).eval()
+    return reinit_parameters(model, seed + 1).eval()
 
 
 def tiny_tokenizer(family: str, workdir: Path):
@@ -148,24 +178,34 @@ def tiny_pipeline(family: str, seed: int = 0, workdir: Path | None = None):
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, ZImagePipeline
 
-    from .tiny_transformers import tiny_lumina2_transformer, tiny_zimage_transformer
-
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     workdir = Path(workdir or tempfile.mkdtemp(prefix="lt-tok-"))
     tokenizer, spiece = tiny_tokenizer(family, workdir / "spm")
     if family == "lumina2":
         transformer = tiny_lumina2_transformer(seed)
-        text_encoder = tiny_text_encoder(family, transformer.config.cap_feat_dim, seed, vocab_size=len(tokenizer))
+        text_encoder = tiny_text_encoder(
+            family, transformer.config.cap_feat_dim, seed, vocab_size=len(tokenizer)
+        )
         scheduler = FlowMatchEulerDiscreteScheduler(shift=6.0)
-        pipe = Lumina2Pipeline(transformer=transformer, scheduler=scheduler, vae=tiny_vae(seed),
-                               text_encoder=text_encoder, tokenizer=tokenizer)
+        pipe = Lumina2Pipeline(
+            transformer=transformer,
+            scheduler=scheduler,
+            vae=tiny_vae(seed),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+        )
     else:
         transformer = tiny_zimage_transformer(seed)
         text_encoder = tiny_text_encoder(family, transformer.config.cap_feat_dim, seed)
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        pipe = ZImagePipeline(transformer=transformer, scheduler=scheduler, vae=tiny_vae(seed),
-                              text_encoder=text_encoder, tokenizer=tokenizer)
+        pipe = ZImagePipeline(
+            transformer=transformer,
+            scheduler=scheduler,
+            vae=tiny_vae(seed),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+        )
     return pipe, spiece
 
 
@@ -180,8 +220,9 @@ def write_diffusers_folder(pipe, folder: Path, spiece: bytes | None = None) -> P
         (folder / "tokenizer" / "tokenizer.model").write_bytes(spiece)
     shutil.rmtree(folder / "transformer")
     n_bytes = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
-    pipe.transformer.save_pretrained(folder / "transformer", safe_serialization=True,
-                                     max_shard_size=max(n_bytes // 3, 1))
+    pipe.transformer.save_pretrained(
+        folder / "transformer", safe_serialization=True, max_shard_size=max(n_bytes // 3, 1)
+    )
     shards = sorted((folder / "transformer").glob("*.safetensors"))
     if len(shards) < 2:
         raise RuntimeError(f"expected a sharded transformer in {folder}, got {shards}")

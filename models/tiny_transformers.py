@@ -2,7 +2,7 @@
 
 diffusers zero-initialises some layers (adaLN, the final layer, pad tokens), which would make every
 prediction zero; so every parameter is re-drawn from the seed with a scale that keeps activations
-of order one (Linear weights ~ N(0, 1/fan_in), norm weights ~ 1 + N(0, 0.1²)).
+of order one (:func:`reinit_parameters`, also used for the tiny text encoders and VAE).
 
 Sizes are chosen so that diffusers and ComfyUI build the same network:
 
@@ -53,20 +53,25 @@ TINY_ZIMAGE_CONFIG = {
 
 
 @torch.no_grad()
-def reinit_parameters(model, seed):
-    """Redraw every parameter of ``model`` from ``seed`` (same seed -> same weights, any machine)."""
+def reinit_parameters(model, seed, gain=1.0):
+    """Redraw every parameter of ``model`` from ``seed`` (same seed -> same weights, any machine).
+
+    Weights ~ N(0, gain² / fan_in), norm weights ~ 1 + N(0, 0.1²), biases ~ N(0, 0.1²), pad tokens
+    ~ N(0, 0.5²). The libraries zero-initialise some layers (adaLN, output projections, pad tokens),
+    which would make a random model's output trivially zero.
+    """
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
         if name.endswith("pad_token"):
             value = 0.5 * noise
         elif param.ndim >= 2:
-            value = noise / param.shape[-1] ** 0.5
+            value = gain * noise / param[0].numel() ** 0.5
         elif "norm" in name:
             value = 1.0 + 0.1 * noise
         else:  # biases
             value = 0.1 * noise
-        param.copy_(value.reshape(param.shape))
+        param.copy_(value.to(param.dtype))
     return model
 
 

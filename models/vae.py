@@ -30,8 +30,16 @@ def vae_ddconfig(sd: dict[str, torch.Tensor], source: str) -> dict:
     ch_mult = [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels]
     num_res_blocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
     return {
-        "double_z": True, "z_channels": z_channels, "resolution": 256, "in_channels": 3, "out_ch": 3,
-        "ch": ch, "ch_mult": ch_mult, "num_res_blocks": num_res_blocks, "attn_resolutions": [], "dropout": 0.0,
+        "double_z": True,
+        "z_channels": z_channels,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": ch,
+        "ch_mult": ch_mult,
+        "num_res_blocks": num_res_blocks,
+        "attn_resolutions": [],
+        "dropout": 0.0,
     }
 
 
