@@ -32,15 +32,19 @@ class Family:
         self.patcher = nextdit_build.build_nextdit(self.comfy_sd, self.unet_config)
         self.cap_dim = self.unet_config["cap_feat_dim"]
 
-    @torch.no_grad()
     def diffusers_velocity_input(self, x, t, ctx, cap_mask=None):
-        """The raw diffusers transformer output for Lumina time t (= 1 - sigma)."""
-        if self.name == "lumina2":
-            mask = torch.ones(ctx.shape[:2], dtype=torch.bool) if cap_mask is None else cap_mask
-            return self.diffusers(x, t, ctx, mask, return_dict=False)[0]
-        # Z-Image takes lists of (C, F=1, H, W) latents and per-sample (L, cap_dim) features
-        out = self.diffusers(list(x.unsqueeze(2).unbind(0)), t, list(ctx.unbind(0)), return_dict=False)[0]
-        return torch.stack(out).squeeze(2)
+        return diffusers_output(self.diffusers, self.name, x, t, ctx, cap_mask)
+
+
+@torch.no_grad()
+def diffusers_output(model, family, x, t, ctx, cap_mask=None):
+    """The raw output of a diffusers Lumina-2 / Z-Image transformer for Lumina time t (= 1 - sigma)."""
+    if family == "lumina2":
+        mask = torch.ones(ctx.shape[:2], dtype=torch.bool) if cap_mask is None else cap_mask
+        return model(x, t, ctx, mask, return_dict=False)[0]
+    # Z-Image takes lists of (C, F=1, H, W) latents and per-sample (L, cap_dim) features
+    out = model(list(x.unsqueeze(2).unbind(0)), t, list(ctx.unbind(0)), return_dict=False)[0]
+    return torch.stack(out).squeeze(2)
 
 
 @pytest.fixture(scope="module", params=["lumina2", "zimage"])
@@ -52,7 +56,7 @@ def family(request):
     return Family(request.param, make[request.param])
 
 
-def _inputs(case, cap_dim, seed=1):
+def make_inputs(case, cap_dim, seed=1):
     batch, height, width = CASES[case]
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 16, height, width, generator=g)
@@ -61,13 +65,13 @@ def _inputs(case, cap_dim, seed=1):
     return x, ctx, sigma
 
 
-def _rel_err(got, ref):
+def rel_err(got, ref):
     return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_comfy_model_matches_diffusers(family, case):
-    x, ctx, sigma = _inputs(case, family.cap_dim)
+    x, ctx, sigma = make_inputs(case, family.cap_dim)
     ref = family.diffusers_velocity_input(x, 1 - sigma, ctx)
     assert torch.isfinite(ref).all() and ref.abs().max() > 0.1
     model = family.patcher.model
@@ -75,13 +79,13 @@ def test_comfy_model_matches_diffusers(family, case):
         raw = model.diffusion_model(x, sigma, ctx, CAP_LEN, attention_mask=None)
         denoised = model.apply_model(x, sigma, c_crossattn=ctx, num_tokens=CAP_LEN)
     assert raw.shape == x.shape
-    assert _rel_err(-raw, ref) <= REL_TOL
+    assert rel_err(-raw, ref) <= REL_TOL
     # the pipelines hand the scheduler -ref as the flow velocity; ComfyUI's CONST sampling denoises with it
-    assert _rel_err(denoised, x - sigma.view(-1, 1, 1, 1) * -ref) <= REL_TOL
+    assert rel_err(denoised, x - sigma.view(-1, 1, 1, 1) * -ref) <= REL_TOL
 
 
 def test_prediction_depends_on_time_and_caption(family):
-    x, ctx, sigma = _inputs("square", family.cap_dim, seed=3)
+    x, ctx, sigma = make_inputs("square", family.cap_dim, seed=3)
     model = family.patcher.model.diffusion_model
     with torch.no_grad():
         base = model(x, sigma, ctx, CAP_LEN)
@@ -94,14 +98,14 @@ def test_prediction_depends_on_time_and_caption(family):
 def test_lumina2_padded_caption_equals_comfy_with_valid_tokens():
     """diffusers drops masked caption tokens; ComfyUI gets only the valid ones (no attention_mask)."""
     fam = Family("lumina2", tiny_transformers.tiny_lumina2_transformer)
-    x, ctx, sigma = _inputs("batch2", fam.cap_dim, seed=4)
+    x, ctx, sigma = make_inputs("batch2", fam.cap_dim, seed=4)
     valid = 5
     mask = torch.zeros(ctx.shape[:2], dtype=torch.bool)
     mask[:, :valid] = True
     ref = fam.diffusers_velocity_input(x, 1 - sigma, ctx, cap_mask=mask)
     with torch.no_grad():
         got = fam.patcher.model.diffusion_model(x, sigma, ctx[:, :valid], valid)
-    assert _rel_err(-got, ref) <= REL_TOL
+    assert rel_err(-got, ref) <= REL_TOL
 
 
 def test_config_from_shapes_equals_config_json(family):
