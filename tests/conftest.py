@@ -11,4 +11,5 @@ from pack_import import register_pack  # noqa: E402
 
 register_pack()
 
+from browser_harness import clean_page, comfy_page  # noqa: E402, F401
 from harness import comfy_host, comfy_server, tiny_models  # noqa: E402, F401

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -111,11 +113,14 @@ class ComfyServer:
 
     def __init__(self, output_dir: Path, log_path: Path):
         self.port = _free_port()
+        self.user_dir = tempfile.mkdtemp(prefix="comfy-user-")
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
             sys.executable, str(COMFY_DIR / "main.py"), "--cpu", "--listen", "127.0.0.1",
             "--port", str(self.port), "--disable-api-nodes", "--output-directory", str(output_dir),
             "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
+            # Settings and saved workflows of tests stay out of .comfyui/user (the `make run` user's).
+            "--user-directory", self.user_dir,
         ]
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115  (closed in stop())
@@ -185,6 +190,7 @@ class ComfyServer:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        shutil.rmtree(self.user_dir, ignore_errors=True)
 
 
 def _free_port() -> int:

@@ -1,0 +1,185 @@
+"""The pack in the real ComfyUI frontend (headless Debian Chromium, real server, real frontend).
+
+Node search, the sigma-curve preview on the schedule nodes, the live loss chart on the trainer, a
+workflow queued from the UI, and a browser console free of errors from the pack. Screenshots go to
+out/screenshots/ (with LT_UPDATE_IMAGES=1 to docs/images/, where the README shows them).
+"""
+
+import json
+
+import pytest
+from browser_harness import images_dir, pack_node_defs, wait_for
+from harness import REPO
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]
+
+SCHEDULE_NODES = ("LTAnchorScheduler", "LTSigmoidScheduler")
+
+
+@pytest.fixture(scope="module")
+def pack_nodes(comfy_server):
+    return pack_node_defs(comfy_server)
+
+
+def add_node(page, node_type: str, pos=(80, 80)) -> int:
+    return page.evaluate(
+        """([type, pos]) => {
+             const app = window.comfyAPI.app.app;
+             const node = window.LiteGraph.createNode(type);
+             node.pos = pos;
+             app.graph.add(node);
+             app.canvas.setDirty(true, true);
+             return node.id;
+           }""",
+        [node_type, list(pos)],
+    )
+
+
+def search_nodes(page, query: str, expect: str):
+    """Double click the empty canvas (opens the node search box), type ``query``; returns the result
+    options once one of them shows ``expect``."""
+    box = page.locator("input[role=combobox][placeholder='Search Nodes...']")
+    for _ in range(10):  # right after start-up the canvas may not take the first double click yet
+        page.mouse.dblclick(700, 450)
+        try:
+            box.wait_for(state="visible", timeout=1000)
+            break
+        except Exception:
+            continue
+    box.fill(query)
+    options = page.locator("[role=listbox] [role=option]")
+    try:
+        wait_for(lambda: expect in " ".join(options.all_inner_texts()), 8)
+    except TimeoutError:
+        raise AssertionError(
+            f"searching {query!r} never listed {expect!r}: {options.all_inner_texts()[:5]}"
+        ) from None
+    return options
+
+
+def close_search(page):
+    page.keyboard.press("Escape")
+    page.locator("input[role=combobox][placeholder='Search Nodes...']").wait_for(state="hidden", timeout=5000)
+
+
+def test_pack_nodes_in_node_search(clean_page, pack_nodes):
+    page = clean_page.page
+    assert "LTModelLoader" in pack_nodes
+    for node_id, spec in sorted(pack_nodes.items()):
+        # By id: the search matches ids too, and display names with "+ (...)" confuse its fuzzy match.
+        options = search_nodes(page, node_id, spec["display_name"])
+        match = options.filter(has_text=spec["display_name"]).first
+        assert "lumina_turbo" in match.inner_text(), f"{node_id}: result does not name the pack"
+        if node_id == "LTModelLoader":
+            clean_page.screenshot(
+                images_dir("docs") / "node_search.png", clip={"x": 480, "y": 180, "width": 860, "height": 240}
+            )
+            match.click()  # adds the node where the search opened, as a user would
+            page.locator("input[role=combobox][placeholder='Search Nodes...']").wait_for(
+                state="hidden", timeout=5000
+            )
+            added = clean_page.evaluate("() => window.comfyAPI.app.app.graph.nodes.map((n) => n.type)")
+            assert added == ["LTModelLoader"]
+            clean_page.evaluate("() => window.comfyAPI.app.app.graph.clear()")
+        else:
+            close_search(page)
+
+
+def _preview_state(page, node_id):
+    return page.evaluate(
+        """(id) => {
+             const node = window.comfyAPI.app.app.graph.getNodeById(id);
+             const el = node.ltSigmaPreview?.root;
+             if (!el) return null;
+             const line = el.querySelector('polyline[data-series=sigmas]');
+             return {state: el.dataset.state, sigmas: JSON.parse(el.dataset.sigmas || '[]'),
+                     points: line ? line.getAttribute('points').trim().split(/\\s+/).length : 0,
+                     caption: el.innerText, visible: el.getBoundingClientRect().height > 50,
+                     steps: node.widgets.find((w) => w.name === 'steps').value,
+                     values: Object.fromEntries(node.widgets.filter((w) => w.options?.serialize !== false)
+                                                 .map((w) => [w.name, w.value]))};
+           }""",
+        node_id,
+    )
+
+
+@pytest.mark.parametrize("node_type", SCHEDULE_NODES)
+def test_sigma_preview_draws_and_follows_steps(clean_page, pack_nodes, comfy_server, node_type):
+    if node_type not in pack_nodes:
+        pytest.skip(f"{node_type} is not registered by the pack yet")
+    node_id = add_node(clean_page, node_type, (120, 120))
+    clean_page.wait_for_previews()
+    first = _preview_state(clean_page.page, node_id)
+    assert first["state"] == "ok" and first["visible"], first
+    # The drawn curve is the Python schedule: the route's answer for the node's own widget values.
+    query = "&".join(f"{k}={v}" for k, v in first["values"].items())
+    expected = comfy_server.get_json(f"/lumina_turbo/sigmas?node={node_type}&{query}")["sigmas"]
+    assert first["sigmas"] == pytest.approx(expected, abs=1e-7)
+    assert first["points"] == first["steps"] + 1 == len(first["sigmas"])
+
+    clean_page.click_widget(node_id, "steps", "right")  # the steps widget's ▶ arrow in the canvas
+    wait_for(
+        lambda: _preview_state(clean_page.page, node_id)["points"] == first["steps"] + 2,
+        10,
+        message="the preview redrawn for steps + 1",
+    )
+    second = _preview_state(clean_page.page, node_id)
+    assert second["steps"] == first["steps"] + 1
+    assert len(second["sigmas"]) == second["steps"] + 1 and second["sigmas"] != first["sigmas"]
+    assert second["sigmas"][0] == first["sigmas"][0] and second["sigmas"][-1] == 0.0
+    clean_page.frame_nodes(margin=60)
+    clean_page.screenshot(
+        images_dir("docs") / f"{node_type}_preview.png", clip=clean_page.graph_screen_box(margin=24)
+    )
+
+
+def test_workflow_queued_from_ui_completes(clean_page, comfy_server):
+    """Open the basic template from the template browser, press Run, wait for the saved image."""
+    page = clean_page.page
+    clean_page.evaluate("""() => {
+        window.__ltProbe.done = null;
+        window.comfyAPI.api.api.addEventListener('execution_success', (e) => { window.__ltProbe.done = e.detail; });
+        window.comfyAPI.api.api.addEventListener('execution_error', (e) => { window.__ltProbe.done = {error: e.detail}; });
+    }""")
+    clean_page.evaluate(
+        "() => window.comfyAPI.app.app.extensionManager.command.execute('Comfy.BrowseTemplates')"
+    )
+    search = page.get_by_placeholder("Search")
+    search.first.wait_for(timeout=15_000)
+    search.first.fill("zimage_t2i_basic")
+    card = page.locator("[data-testid^=template-workflow-]", has_text="zimage_t2i_basic").first
+    card.wait_for(timeout=15_000)
+    card.click()
+    wait_for(
+        lambda: clean_page.evaluate("() => window.comfyAPI.app.app.graph.nodes.length") == 7,
+        15,
+        message="the template loaded",
+    )
+    assert clean_page.evaluate("() => window.__ltProbe.missing") == []
+    page.locator("[data-testid=queue-button]").first.click()
+    done = wait_for(
+        lambda: clean_page.evaluate("() => window.__ltProbe.done"), 240, 0.5, message="execution_success"
+    )
+    assert "error" not in done, done
+    entry = comfy_server.get_json(f"/history/{done['prompt_id']}")[done["prompt_id"]]
+    images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert len(images) == 1 and images[0]["filename"].startswith("zimage_t2i_basic")
+    assert comfy_server.view(images[0])[:8] == b"\x89PNG\r\n\x1a\n"
+    # The queued prompt is the template's API twin (same nodes and values).
+    twin = json.loads((REPO / "example_workflows" / "api" / "zimage_t2i_basic.json").read_text())
+    queued = entry["prompt"][2]
+    assert {k: v["class_type"] for k, v in queued.items()} == {k: v["class_type"] for k, v in twin.items()}
+    assert {k: v["inputs"] for k, v in queued.items()} == {k: v["inputs"] for k, v in twin.items()}
+
+
+def test_loss_chart_follows_training(clean_page, pack_nodes):
+    if "LTLoraTrainer" not in pack_nodes:
+        pytest.skip("LTLoraTrainer is not registered by the pack yet")
+    pytest.skip("waiting for the lora_training template to queue a real training run")
+
+
+def test_browser_console_has_no_pack_errors(comfy_page):
+    """Over the whole session so far: nothing from the pack in the console, no failed pack request."""
+    assert comfy_page.pack_errors() == []
+    loaded = comfy_page.evaluate("() => window.comfyAPI.app.app.extensions.map((e) => e.name)")
+    assert {"LuminaTurbo.SigmaPreview", "LuminaTurbo.LossChart"} <= set(loaded)
