@@ -40,7 +40,10 @@ def sigma_plot(sigmas: torch.Tensor, title: str) -> torch.Tensor:
     image = Image.new("RGB", (WIDTH * s, HEIGHT * s), _BACKGROUND)
     draw = ImageDraw.Draw(image)
     left, right, top, bottom = 64 * s, (WIDTH - 20) * s, 44 * s, (HEIGHT - 50) * s
-    draw.text(((WIDTH // 2) * s, 14 * s), title, fill=_TEXT, font=_font(14), anchor="mt")
+    title_size = 14
+    while title_size > 8 and draw.textlength(title, font=_font(title_size)) > (WIDTH - 16) * s:
+        title_size -= 1  # long titles (Flux shift, denoise) shrink instead of being clipped
+    draw.text(((WIDTH // 2) * s, 14 * s), title, fill=_TEXT, font=_font(title_size), anchor="mt")
     values = [float(v) for v in sigmas.flatten().tolist()]
     steps = max(len(values) - 1, 1)
     y_max = max([1.0] + values)
@@ -83,7 +86,9 @@ def sigma_plot(sigmas: torch.Tensor, title: str) -> torch.Tensor:
             for x, y in points:
                 draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=_LINE)
         if len(values) - 1 <= _VALUE_LABEL_LIMIT:
-            for (x, y), value in zip(points[1:-1], values[1:-1], strict=True):
+            for (x, y), value in zip(points, values, strict=True):
+                if value in (0.0, 1.0):
+                    continue  # the exact endpoints speak for themselves
                 draw.text((x + 6 * s, y - 4 * s), f"{value:.3f}", fill=_TEXT, font=_font(10), anchor="lb")
 
     image = image.resize((WIDTH, HEIGHT), Image.Resampling.LANCZOS)
