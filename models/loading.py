@@ -91,9 +91,10 @@ def load_transformer_folder(folder: str | Path, dtype: torch.dtype | None = None
     try:
         return nextdit_build.build_nextdit_from_diffusers(state_dict, config, dtype=dtype, consume=True)
     except ValueError as exc:
-        raise ModelFileError(
-            tdir / "config.json", f"a config that matches the weights in {tdir}", str(exc)
-        ) from exc
+        expected = (
+            f"a Lumina-Image-2.0 or Z-Image transformer whose config.json matches the weights in {tdir}"
+        )
+        raise ModelFileError(tdir / "config.json", expected, str(exc)) from exc
 
 
 def load_transformer_file(path: str | Path, dtype: torch.dtype | None = None):

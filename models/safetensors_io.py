@@ -1,10 +1,11 @@
 """Reading safetensors files and sharded folders with clear errors and without holding a model twice.
 
-Tensors are read with plain ``readinto`` into freshly allocated memory, not through a memory map:
-pages of a mapped file count in the process's resident memory for as long as any tensor views
-them, so a mapped load followed by a copy holds the model twice. Here each tensor's bytes are in
-memory once (plus one tensor while its dtype is converted), and a folder's shards are read one
-after another into one dict. (The format is little-endian, like every machine ComfyUI runs on.)
+Tensors are read with positioned reads straight into freshly allocated memory (big ones in chunks
+on a few threads), not through a memory map: pages of a mapped file count in the process's resident
+memory for as long as any tensor views them, so a mapped load followed by a copy into the model
+holds it twice (what ComfyUI's own loader does). Here each tensor's bytes are in memory once (plus
+one tensor while its dtype is converted), and a folder's shards are read one after another into
+one dict. (The format is little-endian, like every machine ComfyUI runs on.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -39,13 +41,13 @@ DTYPES = {
 }
 
 
-class TensorInfo:
+class TensorInfo(NamedTuple):
     """Where one tensor lies in a file: dtype, shape and absolute byte range."""
 
-    __slots__ = ("dtype", "shape", "start", "end")
-
-    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], start: int, end: int):
-        self.dtype, self.shape, self.start, self.end = dtype, shape, start, end
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
 
     @property
     def numel(self) -> int:

@@ -113,7 +113,10 @@ def check_tokenizer(folder: str | Path) -> str:
     config_path = folder / "text_encoder" / "config.json"
     if not config_path.is_file():
         raise ModelFileError(config_path, "the text encoder's config.json", "it does not exist")
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except (ValueError, AttributeError) as exc:
+        raise ModelFileError(config_path, "a transformers config.json", f"not a JSON object: {exc}") from exc
     if model_type not in HF_MODEL_TYPES:
         raise ModelFileError(
             config_path,

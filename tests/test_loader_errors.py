@@ -25,7 +25,7 @@ def roots(tmp_path_factory, comfy_host):
     import folder_paths
 
     base = tmp_path_factory.mktemp("broken-models")
-    added = {kind: base / kind for kind in ("diffusers", "diffusion_models")}
+    added = {kind: base / kind for kind in ("diffusers", "diffusion_models", "text_encoders")}
     for kind, path in added.items():
         path.mkdir()
         folder_paths.add_model_folder_path(kind, str(path))
@@ -164,7 +164,7 @@ def test_config_that_disagrees_with_the_tensors(comfy_host, tiny_models, roots):
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "num_kv_heads": 4}))  # the weights have 2 kv heads
     assert_refused(comfy_host, tiny_models, roots, loader_prompt("wrong-config"), config_path,
-                   "a config that matches the weights", "attention.qkv.weight'] has shape (192, 96)")  # fmt: skip
+                   "config.json matches the weights", "attention.qkv.weight'] has shape (192, 96)")  # fmt: skip
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -175,6 +175,21 @@ def test_missing_gemma_tokenizer_model(comfy_host, tiny_models, roots):
     (folder / "tokenizer" / "tokenizer.model").unlink()
     assert_refused(comfy_host, tiny_models, roots, loader_prompt("no-spm"), folder / "tokenizer" / "tokenizer.model",
                    "Gemma's SentencePiece model", "it does not exist")  # fmt: skip
+
+
+def test_gemma_file_without_tokenizer(comfy_host, tiny_models, roots):
+    """A plain HF Gemma-2 file has no SentencePiece model; ComfyUI's Lumina-2 tokenizer needs one."""
+    import safetensors.torch
+
+    names = tiny_factory.file_names("lumina2")
+    tensors = safetensors.torch.load_file(str(tiny_models / names["text_encoder"]))
+    del tensors["spiece_model"]
+    path = roots["text_encoders"] / "gemma-without-spiece.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    prompt = loader_prompt(names["transformer"].split("/")[1], path.name, names["vae"].split("/")[1])
+    assert_refused(
+        comfy_host, tiny_models, roots, prompt, path, "the Gemma SentencePiece tokenizer", "spiece_model"
+    )
 
 
 def test_missing_qwen_tokenizer_folder(comfy_host, tiny_models, roots):

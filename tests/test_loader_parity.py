@@ -103,6 +103,30 @@ def test_single_files_give_the_folder_model(loaded, family):
     assert torch.equal(preds[0], preds[1])
 
 
+def test_all_in_one_checkpoint_reads_only_its_transformer(tmp_path, tiny_models, loaded):
+    """Transformer keys under model.diffusion_model. beside other parts: the same model as the single file."""
+    import safetensors.torch
+
+    from lumina_turbo.models import loading
+
+    names = tiny_factory.file_names("lumina2")
+    tensors = {
+        f"model.diffusion_model.{k}": v
+        for k, v in safetensors.torch.load_file(tiny_models / names["transformer"]).items()
+    }
+    tensors.update(
+        {f"vae.{k}": v for k, v in safetensors.torch.load_file(tiny_models / names["vae"]).items()}
+    )
+    tensors["text_encoders.gemma2_2b.transformer.model.norm.weight"] = torch.ones(32)
+    safetensors.torch.save_file(tensors, str(tmp_path / "all_in_one.safetensors"))
+    model = loading.load_transformer_file(
+        tmp_path / "all_in_one.safetensors"
+    ).model.diffusion_model.state_dict()
+    reference = loaded("lumina2", "single")[0].model.diffusion_model.state_dict()
+    assert sorted(model) == sorted(reference)
+    assert all(torch.equal(model[k], reference[k]) for k in model)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_flow_shift(loaded, tiny_models, family):
     """Stock samplers read the shift from model_sampling: 6 for Lumina-2, 3 for Z-Image (= scheduler_config)."""
