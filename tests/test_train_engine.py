@@ -216,3 +216,18 @@ def test_block_swapping_trains_identically(lumina2, concept):
     plain = engine.LoraTrainer(small_config(max_train_steps=2), model, concept).run()
     swapped = engine.LoraTrainer(small_config(max_train_steps=2, blocks_to_swap=1), model, concept).run()
     assert all(torch.equal(plain.lora[k], swapped.lora[k]) for k in plain.lora)
+
+
+def test_model_identity_sees_loras_not_in_place_patching(lumina2, concept):
+    import comfy.model_management as mm
+    import comfy.sd
+
+    from lumina_turbo.training import model_patch
+
+    model, _, _ = lumina2
+    base = model_patch.model_fingerprint(model)
+    trained = engine.LoraTrainer(small_config(max_train_steps=1, learning_rate=1e-2), model, concept).run()
+    patched, _ = comfy.sd.load_lora_for_models(model, None, trained.lora, 1.0, 0)
+    mm.load_models_gpu([patched])  # the base weights are now patched in place
+    assert model_patch.model_fingerprint(model) == base
+    assert model_patch.model_fingerprint(patched) != base

@@ -22,6 +22,7 @@ import torch
 from . import buckets, cache
 from .data_files import ImageRecord, scan_folder
 
+MEMORY_ENTRIES = 512  # cached files kept in RAM per dataset (latents and captions)
 LUMINA2_SYSTEM_PROMPTS = {
     "superior": "You are an assistant designed to generate superior images with the superior degree of "
     "image-text alignment based on textual prompts or user prompts.",
@@ -68,16 +69,22 @@ class CachedDataset:
         return sum(item.repeats for item in self.items)
 
     def _load(self, path: str) -> dict[str, torch.Tensor]:
-        if path not in self._memo:
-            import safetensors.torch
+        # A bounded in-memory LRU: small data sets stay in RAM, large ones are re-read (small files).
+        if path in self._memo:
+            self._memo[path] = self._memo.pop(path)
+            return self._memo[path]
+        import safetensors.torch
 
-            try:
-                self._memo[path] = safetensors.torch.load_file(path)
-            except (OSError, RuntimeError) as exc:
-                raise FileNotFoundError(
-                    f"dataset cache entry {path} is missing or unreadable ({exc}); run LTDataset again to re-encode"
-                ) from exc
-        return self._memo[path]
+        try:
+            tensors = safetensors.torch.load_file(path)
+        except (OSError, RuntimeError) as exc:
+            raise FileNotFoundError(
+                f"dataset cache entry {path} is missing or unreadable ({exc}); run LTDataset again to re-encode"
+            ) from exc
+        self._memo[path] = tensors
+        while len(self._memo) > MEMORY_ENTRIES:
+            self._memo.pop(next(iter(self._memo)))
+        return tensors
 
     def latent(self, index: int) -> torch.Tensor:
         """Raw VAE latent [C, h, w] of item ``index`` (float32)."""

@@ -46,7 +46,6 @@ from ..losses import (
 )
 from . import checkpoint as ckpt
 from . import lora, model_patch, optim
-from .cache import state_dict_fingerprint
 from .config import TrainConfig, run_identity
 from .dataset import CachedDataset
 
@@ -148,9 +147,7 @@ class LoraTrainer:
         self.identity = {
             **run_identity(config),
             "dataset": dataset.key,
-            "model": state_dict_fingerprint(
-                diffusion_model.state_dict(), sorted(getattr(model, "patches", {}))
-            ),
+            "model": model_patch.model_fingerprint(model),
         }
 
     # ----- state ---------------------------------------------------------------------------------

@@ -102,6 +102,35 @@ def build_training_patcher(
     return patcher
 
 
+def _patch_tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [t for item in value for t in _patch_tensors(item)]
+    if hasattr(value, "weights"):  # comfy.weight_adapter adapters keep their tensors in .weights
+        return _patch_tensors(value.weights)
+    return []
+
+
+def model_fingerprint(patcher) -> str:
+    """Identity of the weights the LoRA trains on: the base weights (ComfyUI's shared backup holds them
+    while a clone has patched them in place) plus the patches (LoRAs) of this MODEL."""
+    from .cache import state_dict_fingerprint, tensor_sample_bytes
+
+    prefix = "diffusion_model."
+    base = {}
+    for key, value in patcher.model.diffusion_model.state_dict().items():
+        saved = patcher.backup.get(prefix + key)
+        base[key] = saved.weight if saved is not None else value
+    patches = []
+    for key in sorted(patcher.patches):
+        for entry in patcher.patches[key]:
+            tensors = _patch_tensors(entry[1])
+            digest = [tensor_sample_bytes(t).hex()[:64] for t in tensors]
+            patches.append((key, float(entry[0]), float(entry[2]), [tuple(t.shape) for t in tensors], digest))
+    return state_dict_fingerprint(base, patches)
+
+
 def load_for_training(patcher, blocks_to_swap: int = 0) -> None:
     """Load through ComfyUI's model management; ``blocks_to_swap`` main blocks' worth of weights are then
     moved back to the offload device and streamed per layer by ComfyUI's low-VRAM casting."""
