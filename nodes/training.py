@@ -545,13 +545,21 @@ class LTLoraTrainer(io.ComfyNode):
 
 
 def _send_progress(payload: dict) -> None:
+    """The live-loss event for the UI chart, plus the loss as the node's progress text."""
     try:
         from server import PromptServer
     except ImportError:
         return
     instance = getattr(PromptServer, "instance", None)
-    if instance is not None:
-        instance.send_sync(PROGRESS_EVENT, payload)
+    if instance is None:
+        return
+    instance.send_sync(PROGRESS_EVENT, payload)
+    send_text = getattr(instance, "send_progress_text", None)
+    if send_text is not None and payload.get("node") is not None:
+        send_text(
+            f"step {payload['step']}/{payload['total']}  loss {payload['loss']:.4f}  lr {payload['lr']:.2e}",
+            payload["node"],
+        )
 
 
 class LTSaveLora(io.ComfyNode):

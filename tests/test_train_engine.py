@@ -231,3 +231,17 @@ def test_model_identity_sees_loras_not_in_place_patching(lumina2, concept):
     mm.load_models_gpu([patched])  # the base weights are now patched in place
     assert model_patch.model_fingerprint(model) == base
     assert model_patch.model_fingerprint(patched) != base
+
+
+def test_dataset_of_another_family_is_refused(lumina2, tmp_path):
+    model, _, _ = lumina2
+    write_concept_dataset(tmp_path / "data", count=1)
+    data = build(tmp_path / "data", cache=tmp_path / "cache")
+    width = model.model.diffusion_model.cap_embedder[-1].in_features
+    # captions as another family's text encoder would give them (e.g. Gemma-2 2304 for a 2560 Qwen3 model)
+    data._load(data.items[0].text_file)["cond"] = torch.zeros(7, width + 16)
+    with pytest.raises(ValueError, match="this model's text encoder"):
+        engine.LoraTrainer(small_config(), model, data)
+    data._load(data.items[0].latent_file)["latent"] = torch.zeros(4, 8, 8)
+    with pytest.raises(ValueError, match="this model's VAE"):
+        engine.LoraTrainer(small_config(), model, data)

@@ -115,6 +115,7 @@ class LoraTrainer:
         )
         self.curvature_step = min(self.curvature_step, 0.2495)
         diffusion_model = model.model.diffusion_model
+        check_compatible(diffusion_model, dataset)
         targets = lora.select_targets(
             diffusion_model,
             attention=config.train_attention,
@@ -448,6 +449,27 @@ class LoraTrainer:
             ),
             "lumina_turbo.final_loss": f"{self.loss_history[-1]:.6g}" if self.loss_history else "",
         }
+
+
+def check_compatible(diffusion_model, dataset: CachedDataset) -> None:
+    """Refuse a dataset encoded for another model family before any forward pass fails deep in torch."""
+    if len(dataset) == 0:
+        raise ValueError("dataset: holds no images")
+    channels = getattr(diffusion_model, "in_channels", None)
+    latent_channels = dataset.latent(0).shape[0]
+    if channels is not None and latent_channels != channels:
+        raise ValueError(
+            f"dataset: its latents have {latent_channels} channels but the model takes {channels}; build "
+            "LTDataset with this model's VAE"
+        )
+    embedder = getattr(diffusion_model, "cap_embedder", None)
+    width = getattr(embedder[-1], "in_features", None) if embedder is not None else None
+    text_width = dataset.text(0).shape[-1]
+    if width is not None and text_width != width:
+        raise ValueError(
+            f"dataset: its captions were encoded {text_width} wide but the model reads {width}-wide text "
+            "features; build LTDataset with this model's text encoder"
+        )
 
 
 def _move_optimizer_state(optimizer, device) -> None:

@@ -18,17 +18,17 @@ def _velocity(model, x, sigma, cond):
 
 @torch.no_grad()
 def anchor_velocity_losses(
-    model, dataset: CachedDataset, anchors, *, seed: int = 0, draws: int = 2
+    model, dataset: CachedDataset, anchors, *, seed: int = 0, draws: int = 2, per_item: bool = False
 ) -> torch.Tensor:
-    """Mean velocity MSE at each anchor [N], over every dataset item with its own caption and ``draws`` fixed noises."""
+    """Mean velocity MSE at each anchor [N] (``per_item``: [items, N]), every dataset item with its own
+    caption and ``draws`` fixed noises."""
     import comfy.model_management as mm
 
     mm.load_models_gpu([model])
     device = model.load_device
     generator = torch.Generator().manual_seed(seed)
     anchors = torch.as_tensor(anchors, dtype=torch.float32)
-    totals = torch.zeros(len(anchors))
-    count = 0
+    totals = torch.zeros(len(dataset), len(anchors))
     for index in range(len(dataset)):
         x0 = model.model.process_latent_in(dataset.latent(index)[None].float())
         cond = dataset.text(index)[None].to(device)
@@ -41,9 +41,8 @@ def anchor_velocity_losses(
             s = anchors.view(-1, 1, 1, 1)
             x = ((1 - s) * batch_x0 + s * batch_noise).to(device)
             v = _velocity(model, x, anchors.to(device), cond.expand(len(anchors), -1, -1)).float().cpu()
-            totals += ((v - (batch_noise - batch_x0)) ** 2).flatten(1).mean(1)
-            count += 1
-    return totals / count
+            totals[index] += ((v - (batch_noise - batch_x0)) ** 2).flatten(1).mean(1) / draws
+    return totals if per_item else totals.mean(0)
 
 
 @torch.no_grad()
