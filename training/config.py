@@ -17,6 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..losses import LOSS_MODES, MIN_SNR_FORMS, TIMESTEP_METHODS
+from .config_keys import (
+    ALIAS_SECTIONS,
+    ALIASES,
+    DATASET_SECTION,
+    FIELDS,
+    LOSS_PARAM_NAMES,
+    RUN_IDENTITY_EXCLUDED,
+    SECTIONS,
+    SOURCE_KEYS,
+)
 
 try:  # Python 3.11+; 3.10 needs the tomli backport
     import tomllib
@@ -26,7 +36,6 @@ except ImportError:  # pragma: no cover - depends on the Python version
     except ImportError:
         tomllib = None
 
-LOSS_PARAM_NAMES = sorted({name for params in LOSS_MODES.values() for name in params})
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
 PRECISIONS = ("bf16", "fp32")
@@ -121,131 +130,9 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# name -> (sections it may appear in, short description). Sections: the TOML tables.
-_MODEL, _ACRF, _LORA, _TRAIN, _ADV, _DATA = "model", "acrf", "lora", "training", "advanced", "dataset"
-FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "transformer": ((_MODEL,), "transformer: a diffusers folder or a .safetensors file"),
-    "text_encoder": ((_MODEL,), "text encoder file (or empty: the diffusers folder's)"),
-    "vae": ((_MODEL,), "VAE file (or empty: the diffusers folder's)"),
-    "weight_dtype": ((_MODEL,), "default | fp32 | bf16 | fp16"),
-    "output_dir": ((_MODEL,), "where the LoRA is written (default: ComfyUI's models/loras)"),
-    "output_name": ((_MODEL,), "LoRA file name without extension"),
-    "save_dtype": ((_MODEL,), "bf16 | fp16 | fp32"),
-    "turbo_steps": ((_ACRF,), "number of anchors (the Turbo step count)"),
-    "shift": ((_ACRF,), "static time shift of the anchors / shifted sampling (Z-Image: 3.0)"),
-    "jitter_scale": ((_ACRF,), "Gaussian jitter of the anchor sigmas"),
-    "anchor_convention": ((_ACRF,), "zimage | diffusers (how the anchors are spaced)"),
-    "timestep_method": ((_ACRF,), "anchor | uniform | shifted_sigmoid"),
-    "enable_turbo": ((_ACRF,), "AC-RF switch: false = uniform (shifted) timesteps"),
-    "sigmoid_mean": ((_ACRF,), "logit-normal mean (shifted_sigmoid)"),
-    "sigmoid_scale": ((_ACRF,), "logit-normal scale (shifted_sigmoid)"),
-    "raft_mode": ((_ACRF,), "mix free-stream (uniform shifted) sigmas into anchor batches"),
-    "free_stream_ratio": ((_ACRF,), "share of free-stream samples when raft_mode"),
-    "latent_jitter_scale": ((_ACRF,), "noise added to x_sigma, target unchanged"),
-    "use_dynamic_shift": ((_ACRF,), "must be false (see docs)"),
-    "curvature_weight": ((_ACRF, _TRAIN), "weight of the curvature penalty (0 = off)"),
-    "curvature_interval": ((_ACRF, _TRAIN), "apply the curvature penalty every N micro-steps"),
-    "curvature_step": ((_ACRF, _TRAIN), "finite-difference step in sigma (0 = mean anchor spacing)"),
-    "curvature_start_step": ((_ACRF, _TRAIN), "first optimizer step with the curvature penalty"),
-    "replay_ratio": ((_ACRF, _TRAIN), "share of batch slots given to the hardest recent samples"),
-    "replay_capacity": ((_ACRF, _TRAIN), "replay buffer size"),
-    "replay_min_entries": ((_ACRF, _TRAIN), "no replay before the buffer holds this many"),
-    "network_dim": ((_LORA,), "LoRA rank"),
-    "network_alpha": ((_LORA,), "LoRA alpha (scale = alpha / rank)"),
-    "train_attention": ((_LORA,), "LoRA on attention qkv and out of the main layers"),
-    "train_ffn": ((_LORA,), "LoRA on feed_forward w1, w2, w3 of the main layers"),
-    "train_refiners": ((_LORA,), "also the noise/context refiner blocks"),
-    "train_adaln": ((_LORA,), "also the adaLN modulation layers"),
-    "optimizer_type": ((_TRAIN,), "AdamW | AdamW8bit | Adafactor | Prodigy"),
-    "learning_rate": ((_TRAIN,), "peak learning rate"),
-    "weight_decay": ((_TRAIN,), "decoupled weight decay"),
-    "lr_scheduler": ((_TRAIN,), "constant | constant_with_warmup | linear | cosine | cosine_with_restarts"),
-    "lr_warmup_steps": ((_TRAIN,), "linear warmup steps"),
-    "lr_num_cycles": ((_TRAIN,), "cycles of cosine_with_restarts"),
-    "loss_mode": ((_TRAIN, "loss"), "standard | frequency | style | unified"),
-    "enable_freq": ((_TRAIN, "loss"), "AC-RF switch for the frequency terms"),
-    "enable_style": ((_TRAIN, "loss"), "AC-RF switch for the style terms"),
-    "style_basis": ((_TRAIN, "loss"), "latent_rgb | channels (luminance/colour of the style terms)"),
-    "snr_gamma": ((_TRAIN,), "Min-SNR gamma (0 = off)"),
-    "snr_form": ((_TRAIN,), "rectified_flow_velocity | vp_v_prediction | epsilon | x0"),
-    "snr_floor": ((_TRAIN,), "lower bound of the Min-SNR weight"),
-    "num_train_epochs": ((_TRAIN,), "epochs (0 = use max_train_steps)"),
-    "max_train_steps": ((_TRAIN,), "optimizer steps when num_train_epochs is 0"),
-    "gradient_accumulation_steps": ((_TRAIN,), "micro-batches per optimizer step"),
-    "seed": ((_TRAIN,), "seed of LoRA init, data order, sigmas and noise"),
-    "save_every_n_steps": ((_TRAIN,), "checkpoint interval in optimizer steps (0 = only at the end)"),
-    "resume": ((_TRAIN,), "continue from this run's checkpoint when there is one"),
-    "checkpoint_dir": (
-        (_TRAIN,),
-        "folder of the checkpoint (default: ComfyUI output/lumina_turbo_training/<name>)",
-    ),
-    "max_grad_norm": ((_ADV, _TRAIN), "gradient clipping (0 = off)"),
-    "gradient_checkpointing": ((_ADV, _TRAIN), "recompute block activations in backward"),
-    "mixed_precision": ((_ADV, _TRAIN), "bf16 | fp32 (model compute dtype)"),
-    "blocks_to_swap": ((_ADV, _TRAIN), "main blocks' worth of weights streamed from CPU"),
-    "folder": ((_DATA,), "image folder with same-name .txt captions"),
-    "batch_size": ((_DATA,), "samples per micro-batch (drawn within one bucket)"),
-    "shuffle": ((_DATA,), "shuffle batches every epoch"),
-    "enable_bucket": ((_DATA,), "aspect-ratio buckets (false: square crops)"),
-    "resolution": ((_DATA,), "bucket area = resolution^2 pixels"),
-    "bucket_step": ((_DATA,), "bucket sides are multiples of this (pixels)"),
-    "max_aspect_ratio": ((_DATA,), "widest bucket aspect ratio"),
-    "caption_dropout_rate": ((_DATA,), "probability of training a sample with the empty caption"),
-    "max_sequence_length": ((_DATA,), "text tokens kept per caption"),
-    "num_repeats": ((_DATA,), "repeats of images outside N_name folders"),
-    "caption_extension": ((_DATA,), "caption file extension"),
-    "cache_dir": ((_DATA,), "latent/text cache folder (default: ComfyUI output/lumina_turbo_cache)"),
-    "system_prompt": ((_DATA,), "Lumina-2 system prompt: none | superior | alignment"),
-}
-for _name in LOSS_PARAM_NAMES:
-    FIELDS[_name] = ((_TRAIN, "loss"), "loss-mode parameter (losses.flow_loss)")
-# The seed's spellings of our names.
-ALIASES = {
-    "dit": "transformer",
-    "lambda_cosine": "lambda_cos",
-    "lambda_curvature": "curvature_weight",
-    "bucket_reso_steps": "bucket_step",
-    "drop_text_ratio": "caption_dropout_rate",
-    "save_every_n_step": "save_every_n_steps",
-}
-_ALIAS_SECTIONS = {"dit": (_MODEL,), "lambda_curvature": (_ACRF, _TRAIN), "drop_text_ratio": (_TRAIN, _DATA)}
-SECTIONS = (_MODEL, _ACRF, _LORA, _TRAIN, _ADV, _DATA, "loss")
-SOURCE_KEYS = {"folder", "num_repeats"}
-# Keys that change what is trained (a resumed run must match them exactly).
-RUN_IDENTITY_EXCLUDED = {
-    "max_train_steps",
-    "num_train_epochs",
-    "save_every_n_steps",
-    "resume",
-    "checkpoint_dir",
-    "output_dir",
-    "output_name",
-    "save_dtype",
-    "transformer",
-    "text_encoder",
-    "vae",
-    "cache_dir",
-    "blocks_to_swap",
-    "gradient_checkpointing",
-    # what LTDataset builds is identified by the dataset's own key (files, models, resolution, dropout)
-    "folder",
-    "sources",
-    "enable_bucket",
-    "resolution",
-    "bucket_step",
-    "max_aspect_ratio",
-    "caption_dropout_rate",
-    "max_sequence_length",
-    "num_repeats",
-    "caption_extension",
-    "system_prompt",
-    "weight_dtype",
-}
-
-
 def _sections_of(key: str) -> tuple[str, ...]:
-    if key in _ALIAS_SECTIONS:
-        return _ALIAS_SECTIONS[key]
+    if key in ALIAS_SECTIONS:
+        return ALIAS_SECTIONS[key]
     return FIELDS[ALIASES.get(key, key)][0]
 
 
@@ -271,7 +158,7 @@ def flatten_toml(document: dict, *, allow_flat: bool = False, origin: str = "con
     for section, body in document.items():
         if isinstance(body, dict) and section in SECTIONS:
             for key, value in body.items():
-                if section == _DATA and key == "sources":
+                if section == DATASET_SECTION and key == "sources":
                     put("sources", _check_sources(value, origin), "[dataset]")
                 elif not known_key(key) or section not in _sections_of(key):
                     unknown.append(f"[{section}] {key}")
