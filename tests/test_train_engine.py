@@ -245,3 +245,11 @@ def test_dataset_of_another_family_is_refused(lumina2, tmp_path):
     data._load(data.items[0].latent_file)["latent"] = torch.zeros(4, 8, 8)
     with pytest.raises(ValueError, match="this model's VAE"):
         engine.LoraTrainer(small_config(), model, data)
+
+
+def test_bf16_compute_trains_a_float32_lora(lumina2, concept):
+    model, _, _ = lumina2
+    result = engine.LoraTrainer(small_config(max_train_steps=2, mixed_precision="bf16"), model, concept).run()
+    assert all(torch.isfinite(torch.tensor(result.loss_history)))
+    assert all(v.dtype == torch.float32 for v in result.lora.values())
+    assert any(float(v.abs().max()) > 0 for k, v in result.lora.items() if "lora_up" in k)
