@@ -54,8 +54,10 @@ def validate_cfg(cfg: float, cfg_formula: str = "comfy") -> None:
         raise ValueError(f"cfg must be >= 0, got {cfg!r}")
 
 
-def validate_truncation(trunc_mode: str, trunc_value) -> None:
+def validate_truncation(trunc_mode: str, trunc_value, *, value_name: str = "trunc_value") -> None:
     """Raise ValueError unless ``trunc_value`` lies in the range of ``trunc_mode``.
+
+    ``value_name`` is how messages name the value (a node passes its input's name).
 
     Ranges: ``off`` any; ``step_fraction`` [0, 1] (a fraction of the steps); ``lumina_t`` and ``zimage``
     >= 0 in Lumina t = 1 - sigma (values >= 1 never truncate: the official default is 100, Z-Image's 1.0);
@@ -65,16 +67,16 @@ def validate_truncation(trunc_mode: str, trunc_value) -> None:
         raise ValueError(f"trunc_mode must be one of {TRUNCATION_MODES}, got {trunc_mode!r}")
     if trunc_mode == "off":
         return
-    value = _finite_number("trunc_value", trunc_value)
+    value = _finite_number(value_name, trunc_value)
     if trunc_mode in ("step_fraction", "sigma") and not 0.0 <= value <= 1.0:
-        raise ValueError(f"trunc_value for trunc_mode {trunc_mode!r} must be in [0, 1], got {trunc_value!r}")
+        raise ValueError(f"{value_name} for trunc_mode {trunc_mode!r} must be in [0, 1], got {trunc_value!r}")
     if trunc_mode in ("lumina_t", "zimage") and value < 0.0:
         raise ValueError(
-            f"trunc_value for trunc_mode {trunc_mode!r} must be >= 0 (Lumina t), got {trunc_value!r}"
+            f"{value_name} for trunc_mode {trunc_mode!r} must be >= 0 (Lumina t), got {trunc_value!r}"
         )
     if trunc_mode == "last_steps" and (value < 0 or value != int(value)):
         raise ValueError(
-            f"trunc_value for trunc_mode 'last_steps' must be an integer >= 0, got {trunc_value!r}"
+            f"{value_name} for trunc_mode 'last_steps' must be an integer >= 0, got {trunc_value!r}"
         )
 
 
