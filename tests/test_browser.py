@@ -9,6 +9,7 @@ import json
 
 import pytest
 from browser_harness import images_dir, pack_node_defs, wait_for
+from build_workflows import WORKFLOWS
 from harness import REPO
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
@@ -133,14 +134,28 @@ def test_sigma_preview_draws_and_follows_steps(clean_page, pack_nodes, comfy_ser
     )
 
 
+def _run_from_ui(clean_page, timeout: float) -> dict:
+    """Press the Run button; returns the execution_success event's detail."""
+    clean_page.evaluate("""() => {
+        window.__ltProbe.done = null;
+        if (!window.__ltProbe.listening) {
+          window.__ltProbe.listening = true;
+          const api = window.comfyAPI.api.api;
+          api.addEventListener('execution_success', (e) => { window.__ltProbe.done = e.detail; });
+          api.addEventListener('execution_error', (e) => { window.__ltProbe.done = {error: e.detail}; });
+        }
+    }""")
+    clean_page.page.locator("[data-testid=queue-button]").first.click()
+    done = wait_for(
+        lambda: clean_page.evaluate("() => window.__ltProbe.done"), timeout, 0.5, message="execution end"
+    )
+    assert "error" not in done, done
+    return done
+
+
 def test_workflow_queued_from_ui_completes(clean_page, comfy_server):
     """Open the basic template from the template browser, press Run, wait for the saved image."""
     page = clean_page.page
-    clean_page.evaluate("""() => {
-        window.__ltProbe.done = null;
-        window.comfyAPI.api.api.addEventListener('execution_success', (e) => { window.__ltProbe.done = e.detail; });
-        window.comfyAPI.api.api.addEventListener('execution_error', (e) => { window.__ltProbe.done = {error: e.detail}; });
-    }""")
     clean_page.evaluate(
         "() => window.comfyAPI.app.app.extensionManager.command.execute('Comfy.BrowseTemplates')"
     )
@@ -156,11 +171,7 @@ def test_workflow_queued_from_ui_completes(clean_page, comfy_server):
         message="the template loaded",
     )
     assert clean_page.evaluate("() => window.__ltProbe.missing") == []
-    page.locator("[data-testid=queue-button]").first.click()
-    done = wait_for(
-        lambda: clean_page.evaluate("() => window.__ltProbe.done"), 240, 0.5, message="execution_success"
-    )
-    assert "error" not in done, done
+    done = _run_from_ui(clean_page, 240)
     entry = comfy_server.get_json(f"/history/{done['prompt_id']}")[done["prompt_id"]]
     images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert len(images) == 1 and images[0]["filename"].startswith("zimage_t2i_basic")
@@ -173,9 +184,52 @@ def test_workflow_queued_from_ui_completes(clean_page, comfy_server):
 
 
 def test_loss_chart_follows_training(clean_page, pack_nodes):
-    if "LTLoraTrainer" not in pack_nodes:
-        pytest.skip("LTLoraTrainer is not registered by the pack yet")
-    pytest.skip("waiting for the lora_training template to queue a real training run")
+    """Queue the lora_training template from the UI; the trainer's chart gets every optimizer step."""
+    if "LTLoraTrainer" not in pack_nodes or not (WORKFLOWS / "lora_training.json").exists():
+        pytest.skip("LTLoraTrainer or its template is not in the pack yet")
+    workflow = json.loads((WORKFLOWS / "lora_training.json").read_text())
+    twin = json.loads((WORKFLOWS / "api" / "lora_training.json").read_text())
+    trainer_key = next(k for k, v in twin.items() if v["class_type"] == "LTLoraTrainer")
+    total = twin[trainer_key]["inputs"]["steps"]
+    assert clean_page.load_workflow(workflow, "lora_training") == []
+    clean_page.evaluate("""() => {
+        window.__ltProbe.progress = [];
+        window.comfyAPI.api.api.addEventListener(
+          'lumina_turbo.train_progress', (e) => window.__ltProbe.progress.push(e.detail));
+    }""")
+    _run_from_ui(clean_page, 300)
+    events = clean_page.evaluate("() => window.__ltProbe.progress")
+    assert [e["step"] for e in events] == list(range(1, total + 1))
+    assert all(str(e["node"]) == trainer_key for e in events)
+    chart = clean_page.evaluate(
+        """(id) => {
+             const el = window.comfyAPI.app.app.graph.getNodeById(id).ltLossChart.root;
+             const line = el.querySelector('polyline[data-series=loss]');
+             return {steps: Number(el.dataset.steps), last: Number(el.dataset.lastLoss), caption: el.innerText,
+                     points: line.getAttribute('points').trim().split(/\\s+/).length};
+           }""",
+        int(trainer_key),
+    )
+    assert chart["steps"] == chart["points"] == total
+    assert chart["last"] == pytest.approx(events[-1]["loss"])
+    assert f"step {total}/{total}" in chart["caption"]
+    # At 100 % zoom, the lower part of the (tall) trainer node: the chart and the progress text.
+    clip = clean_page.evaluate(
+        """(id) => {
+             const app = window.comfyAPI.app.app;
+             const node = app.graph.getNodeById(id);
+             app.canvas.ds.scale = 1;
+             app.canvas.ds.offset = [500 - node.pos[0], 760 - node.pos[1] - node.size[1]];
+             app.canvas.setDirty(true, true);
+             return node.id;
+           }""",
+        int(trainer_key),
+    )
+    clean_page.page.wait_for_timeout(400)
+    box = clean_page.node_screen_box(int(trainer_key))
+    bottom = box["y"] + box["height"]
+    clip = {"x": box["x"] - 10, "y": bottom - 300, "width": box["width"] + 20, "height": 330}
+    clean_page.screenshot(images_dir("docs") / "loss_chart.png", clip=clip)
 
 
 def test_browser_console_has_no_pack_errors(comfy_page):

@@ -49,9 +49,12 @@ class LossChart {
 
   draw() {
     const losses = this.points.map(([, loss]) => loss).filter(Number.isFinite);
+    // Bias-corrected exponential moving average (as TensorBoard draws it): no lag from a zero start.
+    let ema = 0;
     let smooth = null;
-    const smoothed = this.points.map(([step, loss]) => {
-      smooth = smooth === null ? loss : EMA * smooth + (1 - EMA) * loss;
+    const smoothed = this.points.map(([step, loss], i) => {
+      ema = EMA * ema + (1 - EMA) * loss;
+      smooth = ema / (1 - EMA ** (i + 1));
       return [step, smooth];
     });
     const low = Math.min(...losses);

@@ -35,8 +35,12 @@ export function createChartElement(className) {
     borderRadius: "6px",
     overflow: "hidden",
   });
-  const svg = svgElement("svg", { viewBox: "0 0 320 150", preserveAspectRatio: "xMidYMid meet" });
-  Object.assign(svg.style, { flex: "1 1 auto", minHeight: "0", width: "100%" });
+  const svg = svgElement("svg", { viewBox: "0 0 320 150" });
+  Object.assign(svg.style, { flex: "1 1 0", minHeight: "60px", width: "100%" });
+  // Drawn in the element's own pixels (text stays undistorted at any node width); redrawn on resize.
+  new ResizeObserver(() => {
+    if (svg.ltChart) drawLineChart(svg, svg.ltChart);
+  }).observe(svg);
   const caption = document.createElement("div");
   Object.assign(caption.style, {
     font: "11px sans-serif",
@@ -45,6 +49,7 @@ export function createChartElement(className) {
     maxHeight: "28px", // two lines; the full text is in the tooltip
     overflow: "hidden",
     padding: "2px 2px 0",
+    flex: "none",
   });
   root.append(svg, caption);
   return { root, svg, caption };
@@ -58,12 +63,16 @@ function formatTick(value) {
 }
 
 /**
- * Draw line series into `svg` (viewBox 320x150).
- * series: [{points: [[x, y], ...], color, dots, width}]; x/y ranges: [min, max].
+ * Draw line series into `svg`, sized to the element (320x150 until it is laid out).
+ * series: [{points: [[x, y], ...], color, dots, width, name}]; x/y ranges: [min, max].
  */
-export function drawLineChart(svg, { series, xRange, yRange, xLabel = "", yLabel = "" }) {
+export function drawLineChart(svg, chart) {
+  const { series, xRange, yRange, xLabel = "", yLabel = "" } = chart;
+  svg.ltChart = chart;
   svg.replaceChildren();
-  const [W, H] = [320, 150];
+  const W = Math.max(120, Math.round(svg.clientWidth) || 320);
+  const H = Math.max(60, Math.round(svg.clientHeight) || 150);
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   const pad = { left: 34, right: 8, top: 8, bottom: 20 };
   const [x0, x1] = xRange[1] > xRange[0] ? xRange : [xRange[0], xRange[0] + 1];
   const [y0, y1] = yRange[1] > yRange[0] ? yRange : [yRange[0] - 0.5, yRange[0] + 0.5];
