@@ -134,6 +134,51 @@ def test_sigma_preview_draws_and_follows_steps(clean_page, pack_nodes, comfy_ser
     )
 
 
+def test_sigmoid_preview_takes_the_shift_of_an_upstream_model_sampling_node(clean_page, pack_nodes):
+    """LTSigmoidScheduler applies its model's shift; before a run the preview reads it from a
+    ModelSamplingAuraFlow node upstream (and says unshifted when nothing upstream tells)."""
+    from lumina_turbo.samplers.schedules import sigmoid_sigmas
+
+    if "LTSigmoidScheduler" not in pack_nodes:
+        pytest.skip("LTSigmoidScheduler is not registered by the pack yet")
+    ids = clean_page.evaluate(
+        """() => {
+             const app = window.comfyAPI.app.app;
+             const add = (type, pos) => { const n = window.LiteGraph.createNode(type); n.pos = pos; app.graph.add(n); return n; };
+             const loader = add('LTModelLoader', [40, 120]);
+             const sampling = add('ModelSamplingAuraFlow', [400, 120]);
+             const schedule = add('LTSigmoidScheduler', [720, 120]);
+             loader.connect(0, sampling, 0);
+             sampling.widgets.find((w) => w.name === 'shift').value = 3;
+             app.canvas.setDirty(true, true);
+             return [loader.id, sampling.id, schedule.id];
+           }"""
+    )
+    loader, sampling, schedule = ids
+    clean_page.wait_for_previews()
+    unlinked = _preview_state(clean_page.page, schedule)
+    assert "no model" in unlinked["caption"]
+    assert unlinked["sigmas"] == pytest.approx(sigmoid_sigmas(unlinked["steps"]).tolist(), abs=1e-7)
+
+    clean_page.evaluate(
+        "([a, b]) => { const g = window.comfyAPI.app.app.graph; g.getNodeById(a).connect(0, g.getNodeById(b), 0);"
+        " window.comfyAPI.app.app.canvas.setDirty(true, true); }",
+        [sampling, schedule],
+    )
+    wait_for(
+        lambda: "ModelSamplingAuraFlow" in _preview_state(clean_page.page, schedule)["caption"],
+        10,
+        message="the preview using the upstream shift",
+    )
+    clean_page.wait_for_previews()
+    shifted = _preview_state(clean_page.page, schedule)
+    assert shifted["sigmas"] == pytest.approx(sigmoid_sigmas(shifted["steps"], shift=3.0).tolist(), abs=1e-7)
+    clean_page.frame_nodes(margin=60)
+    clean_page.screenshot(
+        images_dir("docs") / "sigmoid_preview_model_shift.png", clip=clean_page.graph_screen_box(margin=24)
+    )
+
+
 def _run_from_ui(clean_page, timeout: float) -> dict:
     """Press the Run button; returns the execution_success event's detail."""
     clean_page.evaluate("""() => {
