@@ -1,0 +1,281 @@
+"""LTContextDrop: pooled keys/values match an independent reference; off and at the data end the
+patched model is bit-identical (model apply and the real executor, tiny Lumina-2 and Z-Image)."""
+
+import logging
+
+import pytest
+import safetensors.torch
+import torch
+from comfy_host import bootstrap
+from harness import PromptFailed, graph
+
+from lumina_turbo.models import context_drop
+from lumina_turbo.models.context_drop import ContextDropSettings
+
+FAMILIES = ("lumina2", "zimage")
+PAD = {"lumina2": None, "zimage": 32}  # NextDiT pad_tokens_multiple of each family
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    bootstrap()
+    from lumina_turbo.models import loading
+
+    return {
+        f: loading.load_transformer_file(tiny_models / "diffusion_models" / f"tiny-random-{f}.safetensors")
+        for f in FAMILIES
+    }
+
+
+def apply_model(patcher, x, sigma, context, extra_options=None):
+    """``BaseModel.apply_model`` with transformer_options built the way ComfyUI's sampler builds them
+    (model_options + the patcher's wrappers), object patches applied."""
+    import comfy.patcher_extension as pe
+
+    options = pe.copy_nested_dicts(patcher.model_options["transformer_options"])
+    options.update(extra_options or {})
+    pe.merge_nested_dicts(options.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
+    patcher.patch_model()
+    try:
+        sigmas = torch.full((x.shape[0],), float(sigma))
+        return patcher.model.apply_model(
+            x, sigmas, c_crossattn=context, num_tokens=context.shape[1], transformer_options=options
+        )
+    finally:
+        patcher.unpatch_model()
+
+
+def inputs(seed=0, h=14, w=10, cap=7, batch=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 16, h, w, generator=gen), torch.randn(batch, cap, 32, generator=gen)
+
+
+# --- pure parts --------------------------------------------------------------------------------
+
+
+def test_strength_and_layer_choice():
+    assert context_drop.drop_strength(1.0) == 1.0 and context_drop.drop_strength(0.0) == 0.0
+    assert context_drop.drop_strength(0.5, start_sigma=0.8, end_sigma=0.2) == pytest.approx(0.5)
+    assert context_drop.drop_strength(0.9, start_sigma=0.8, end_sigma=0.2) == 1.0
+    assert context_drop.dropping_layers(1.0, [0, 1, 2, 3]) == {0, 1, 2, 3}
+    assert context_drop.dropping_layers(0.5, [0, 1, 2, 3]) == {0, 2}  # spread over depth
+    assert context_drop.dropping_layers(0.1, [0, 1, 2, 3]) == set()
+    assert context_drop.parse_layers("all") is None
+    assert context_drop.parse_layers(" 0-2, 7 ") == (0, 1, 2, 7)
+    for bad in ("3-1", "x", "-2"):
+        with pytest.raises(ValueError, match="layers: expected"):
+            context_drop.parse_layers(bad)
+    with pytest.raises(ValueError, match="start_sigma/end_sigma"):
+        ContextDropSettings(start_sigma=0.2, end_sigma=0.5)
+
+
+def reference_pool(tokens, grid, r):
+    """Mean of every r x r window of a row-major grid (edge windows: of the tokens they hold), by loops."""
+    h, w = grid
+    out = []
+    for i0 in range(0, h, r):
+        for j0 in range(0, w, r):
+            idx = [i * w + j for i in range(i0, min(i0 + r, h)) for j in range(j0, min(j0 + r, w))]
+            out.append(tokens[:, :, idx].mean(dim=2))
+    return torch.stack(out, dim=2)
+
+
+@pytest.mark.parametrize("grid, r", [((4, 3), 2), ((7, 5), 3), ((6, 6), 2)])
+def test_pool_grid_matches_loops(grid, r):
+    tokens = torch.randn(2, 3, grid[0] * grid[1], 5)
+    torch.testing.assert_close(context_drop.pool_grid(tokens, grid, r), reference_pool(tokens, grid, r))
+
+
+def sdpa(q, k, v, heads, mask=None, skip_reshape=True, **_):
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(q.shape[0], -1, heads * q.shape[-1])
+
+
+def test_masks_are_pooled_when_constant_and_honoured_by_falling_back(caplog):
+    cap, grid = 3, (4, 4)
+    n = cap + 16
+    q, k, v = (torch.randn(1, 2, n, 8) for _ in range(3))
+    plan = context_drop.ForwardPlan(2, frozenset({0}), 0, 0, cap, 16, grid)
+    mask = torch.zeros(1, 1, n, n)
+    mask[..., 1] = float("-inf")  # mask one caption key: constant inside every window
+    got = plan.override(sdpa, q, k, v, 2, mask, skip_reshape=True)
+    pooled = lambda t: torch.cat((t[:, :, :cap], reference_pool(t[:, :, cap:], grid, 2)), dim=2)  # noqa: E731
+    keep = torch.zeros(1, 1, n, cap + 4)
+    keep[..., 1] = float("-inf")
+    torch.testing.assert_close(got, sdpa(q, pooled(k), pooled(v), 2, keep))
+
+    mask[..., cap] = float("-inf")  # one image key only: not constant in its window -> exact
+    plan = context_drop.ForwardPlan(2, frozenset({0}), 0, 0, cap, 16, grid)
+    with caplog.at_level(logging.WARNING):
+        got = plan.override(sdpa, q, k, v, 2, mask, skip_reshape=True)
+    torch.testing.assert_close(got, sdpa(q, k, v, 2, mask))
+    assert any("varies inside a pooling window" in r.getMessage() for r in caplog.records)
+
+
+def test_unexpected_layout_falls_back_to_exact():
+    plan = context_drop.ForwardPlan(2, frozenset({0}), 0, 0, 3, 16, (4, 4))
+    q, k, v = (torch.randn(1, 2, 30, 8) for _ in range(3))  # not 3 + 16 tokens
+    torch.testing.assert_close(plan.override(sdpa, q, k, v, 2, None, skip_reshape=True), sdpa(q, k, v, 2))
+    assert plan.failed
+
+
+# --- through ComfyUI's model apply --------------------------------------------------------------
+
+
+def reference_override(cap_len, img_len, grid, r, drop_main):
+    """An independent drop: main layers are the calls whose length is caption + image."""
+    seen = {"main": 0}
+
+    def override(func, q, k, v, heads, mask=None, **kwargs):
+        if q.shape[2] == cap_len + img_len:
+            index = seen["main"]
+            seen["main"] += 1
+            if index in drop_main:
+                n = grid[0] * grid[1]
+                k, v = (
+                    torch.cat(
+                        (
+                            t[:, :, :cap_len],
+                            reference_pool(t[:, :, cap_len : cap_len + n], grid, r),
+                            t[:, :, cap_len + n :],
+                        ),
+                        dim=2,
+                    )
+                    for t in (k, v)
+                )
+        return func(q, k, v, heads, mask, **kwargs)
+
+    return override
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pooled_model_matches_independent_reference(models, family):
+    model = models[family]
+    x, context = inputs()
+    grid = (7, 5)
+    pad = PAD[family]
+    cap_len = context.shape[1] if pad is None else -(-context.shape[1] // pad) * pad
+    img_len = 35 if pad is None else -(-35 // pad) * pad
+    n_layers = len(model.model.diffusion_model.layers)
+    variants = [(None, set(range(n_layers)))]
+    if n_layers > 1:  # only some layers
+        variants.append(((n_layers - 1,), {n_layers - 1}))
+    for layers, drop_main in variants:
+        patched = context_drop.apply_context_drop(model, ContextDropSettings(kernel=2, layers=layers))
+        got = apply_model(patched, x, 1.0, context)
+        ref = apply_model(
+            model,
+            x,
+            1.0,
+            context,
+            {"optimized_attention_override": reference_override(cap_len, img_len, grid, 2, drop_main)},
+        )
+        exact = apply_model(model, x, 1.0, context)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert (got - exact).abs().max() > 1e-3  # it really pooled
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_off_and_data_end_are_bit_identical(models, family):
+    model = models[family]
+    x, context = inputs(seed=1)
+    exact = {s: apply_model(model, x, s, context) for s in (0.0, 1.0)}
+    off = context_drop.apply_context_drop(model, ContextDropSettings(kernel=1))
+    default = context_drop.apply_context_drop(model, ContextDropSettings())
+    assert torch.equal(apply_model(off, x, 1.0, context), exact[1.0])
+    assert torch.equal(apply_model(default, x, 0.0, context), exact[0.0])
+    assert not torch.equal(apply_model(default, x, 1.0, context), exact[1.0])
+
+
+# --- through the real executor ------------------------------------------------------------------
+
+
+def latents_of(comfy_host, outputs):
+    found = {}
+    for node_output in outputs.values():
+        for item in node_output.get("latents", []):
+            path = comfy_host.output_dir / item.get("subfolder", "") / item["filename"]
+            found[item["filename"].split("_")[0]] = safetensors.torch.load_file(str(path))["latent_tensor"]
+    return found
+
+
+def drop_prompt(
+    family,
+    branches=(
+        ("plain", None, 1.0),
+        ("off", 1, 1.0),
+        ("drop", 2, 1.0),
+        ("plainend", None, 0.04),
+        ("dropend", 2, 0.04),
+    ),
+    layers="all",
+):
+    """One prompt on one loader; each branch (name, kernel or None for no patch, denoise) samples and
+    saves its latent. cfg 1 (one batch row per step) keeps it cheap on 2 cores."""
+    g = graph()
+    loader = g.node(
+        "LTModelLoader",
+        model=f"tiny-random-{family}",
+        text_encoder="(from the diffusers folder)",
+        vae="(from the diffusers folder)",
+        weight_dtype="default",
+    )
+    pos = g.node("CLIPTextEncode", text="a red cat", clip=loader.out(1))
+    latent = g.node("EmptySD3LatentImage", width=64, height=48, batch_size=1)
+    for name, kernel, denoise in branches:
+        model = loader.out(0)
+        if kernel is not None:
+            model = g.node(
+                "LTContextDrop", model=model, kernel=kernel, start_sigma=1.0, end_sigma=0.0, layers=layers
+            ).out(0)
+        # denoise 0.04 with 1 step: one model call at sigma ~0.2 (shift 6) / ~0.11 (shift 3)
+        steps = 2 if denoise == 1.0 else 1
+        sampled = g.node(
+            "KSampler",
+            model=model,
+            positive=pos.out(0),
+            negative=pos.out(0),
+            latent_image=latent.out(0),
+            seed=3,
+            steps=steps,
+            cfg=1.0,
+            sampler_name="euler",
+            scheduler="simple",
+            denoise=denoise,
+        )
+        g.node("SaveLatent", samples=sampled.out(0), filename_prefix=f"{name}_cd_{family}")
+    return g.finalize()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_executor_off_and_data_end_identical_drop_changes(comfy_host, family):
+    lat = latents_of(comfy_host, comfy_host.run(drop_prompt(family)))
+    assert torch.equal(lat["off"], lat["plain"])
+    assert torch.isfinite(lat["drop"]).all() and not torch.equal(lat["drop"], lat["plain"])
+    # At sigma <= 0.2 the default linear schedule gives a strength below 0.25, which selects none of
+    # the tiny models' 1-2 layers: the data end is exact.
+    assert torch.equal(lat["dropend"], lat["plainend"])
+
+
+def test_bad_inputs_are_refused_before_sampling(comfy_host):
+    prompt = drop_prompt("lumina2", (("bad", 2, 1.0),), layers="3-1")
+    with pytest.raises(PromptFailed, match="layers: expected"):
+        comfy_host.run(prompt)
+    node = next(k for k, v in prompt.items() if v["class_type"] == "LTContextDrop")
+    prompt[node]["inputs"].update(layers="all", start_sigma=0.1, end_sigma=0.5)
+    with pytest.raises(PromptFailed, match="start_sigma/end_sigma"):
+        comfy_host.run(prompt)
+
+
+def test_example_workflow_runs(comfy_host):
+    """example_workflows/api/context_drop_high_res.json, shrunk to 256 px and 1 step for the test."""
+    import json
+
+    from comfy_host import REPO
+
+    prompt = json.loads((REPO / "example_workflows" / "api" / "context_drop_high_res.json").read_text())
+    kinds = {v["class_type"]: k for k, v in prompt.items()}
+    assert {"LTContextDrop", "LTScaledRoPE"} <= set(kinds)
+    prompt[kinds["EmptySD3LatentImage"]]["inputs"].update(width=256, height=256)
+    prompt[kinds["KSampler"]]["inputs"]["steps"] = 1
+    assert len(comfy_host.image_paths(comfy_host.run(prompt))) == 1
