@@ -11,7 +11,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pack_import import REPO, register_pack  # noqa: E402
 
-FACTORY_SOURCES = ["models/tiny_factory.py", "models/tiny_transformers.py", "models/nextdit_keys.py"]
+FACTORY_SOURCES = [
+    "models/tiny_factory.py", "models/tiny_transformers.py", "models/nextdit_keys.py", "models/tiny_lora.py",
+]
 
 
 def factory_stamp() -> str:
@@ -36,9 +38,11 @@ def install(models_dir: Path) -> Path:
     bootstrap()
     register_pack()
     from lumina_turbo.models.tiny_factory import write_all
+    from lumina_turbo.models.tiny_lora import write_tiny_loras
 
     print(f"[tiny models] writing tiny-random-* models into {models_dir}", flush=True)
     write_all(models_dir)
+    write_tiny_loras(models_dir)
     stamp_file.write_text(stamp)
     return models_dir
 
