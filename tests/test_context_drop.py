@@ -119,6 +119,19 @@ def test_unexpected_layout_falls_back_to_exact():
     assert plan.failed
 
 
+def test_an_existing_override_still_runs_with_the_pooled_keys():
+    seen = []
+
+    def previous(func, q, k, v, *args, **kwargs):  # e.g. another pack's attention override
+        seen.append(k.shape[2])
+        return func(q, k, v, *args, **kwargs)
+
+    plan = context_drop.ForwardPlan(2, frozenset({0}), 0, 0, 3, 16, (4, 4), previous)
+    q, k, v = (torch.randn(1, 2, 19, 8) for _ in range(3))
+    plan.override(sdpa, q, k, v, 2, None, skip_reshape=True)
+    assert seen == [3 + 4]
+
+
 # --- through ComfyUI's model apply --------------------------------------------------------------
 
 
