@@ -26,8 +26,7 @@ of ``multiple_of``); diffusers' own formulas (Lumina-2: ``4*dim*mult`` rounded, 
 
 import re
 
-LUMINA2 = "lumina2"
-ZIMAGE = "zimage"
+from .nextdit_keys import LUMINA2, ZIMAGE
 
 FAMILY_DEFAULTS = {
     LUMINA2: {

@@ -16,10 +16,8 @@ import torch
 from .errors import ModelFileError
 from .safetensors_io import load_folder_state_dict
 
-# family -> (ComfyUI model name, head_dim fixed by ComfyUI's config class)
+# kind (= transformers' config.json model_type) -> (ComfyUI model name, head_dim fixed by its config class)
 TEXT_ENCODERS = {"gemma2": ("gemma2_2b", 256), "qwen3": ("qwen3_4b", 128)}
-# transformers' config.json model_type -> family
-HF_MODEL_TYPES = {"gemma2": "gemma2", "qwen3": "qwen3"}
 
 
 def detect_text_encoder(sd: dict[str, torch.Tensor], source: str) -> str:
@@ -117,13 +115,13 @@ def check_tokenizer(folder: str | Path) -> str:
         model_type = json.loads(config_path.read_text()).get("model_type")
     except (ValueError, AttributeError) as exc:
         raise ModelFileError(config_path, "a transformers config.json", f"not a JSON object: {exc}") from exc
-    if model_type not in HF_MODEL_TYPES:
+    if model_type not in TEXT_ENCODERS:
         raise ModelFileError(
             config_path,
             "a Gemma-2 (Lumina-Image-2.0) or Qwen3 (Z-Image) text encoder",
             f"model_type is {model_type!r}",
         )
-    kind = HF_MODEL_TYPES[model_type]
+    kind = model_type
     tokenizer = folder / "tokenizer"
     if kind == "gemma2" and not (tokenizer / "tokenizer.model").is_file():
         raise ModelFileError(
