@@ -481,7 +481,16 @@ class LTLoraTrainer(io.ComfyNode):
 
     @classmethod
     def validate_inputs(
-        cls, run_name, timestep_method, loss_mode, optimizer, lr_scheduler, mixed_precision, advanced=""
+        cls,
+        run_name,
+        timestep_method,
+        loss_mode,
+        optimizer,
+        lr_scheduler,
+        mixed_precision,
+        gradient_checkpointing,
+        blocks_to_swap,
+        advanced="",
     ):
         values = {
             "timestep_method": timestep_method,
@@ -498,8 +507,13 @@ class LTLoraTrainer(io.ComfyNode):
                 f"run_name: {run_name!r} must be 1-100 letters, digits, '.', '_' or '-' (it names a folder)"
             )
         try:
+            widgets = cfg.TrainConfig(
+                gradient_checkpointing=gradient_checkpointing, blocks_to_swap=blocks_to_swap
+            )
             cfg.parse_advanced(
-                advanced or "", cfg.TrainConfig(), reserved=set(WIDGETS.values()) | DATASET_FIELDS
+                advanced or "",
+                cfg.validate(widgets, "LTLoraTrainer"),
+                reserved=set(WIDGETS.values()) | DATASET_FIELDS,
             )
         except cfg.ConfigError as exc:
             return str(exc)

@@ -106,6 +106,7 @@ def test_unknown_or_misplaced_keys_are_named(tmp_path, text, needle):
         ("[dataset]\nbucket_step = 40\n", "multiple of 16"),
         ("[training]\nlambda_cos = 0.1\nlambda_cosine = 0.2\n", "again"),
         ("[lora]\ntrain_attention = false\ntrain_ffn = false\n", "no layer to train"),
+        ("[advanced]\nblocks_to_swap = 4\ngradient_checkpointing = false\n", "needs gradient_checkpointing"),
     ],
 )
 def test_bad_values_are_refused(tmp_path, text, needle):

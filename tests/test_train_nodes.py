@@ -220,6 +220,9 @@ def test_bad_inputs_are_refused_before_running(comfy_host, tmp_path):
     prompt[trainer_id]["inputs"]["run_name"] = "../escape"
     assert "run_name" in _validation_error(comfy_host, prompt)
     prompt[trainer_id]["inputs"]["run_name"] = "ok"
+    prompt[trainer_id]["inputs"]["blocks_to_swap"] = 2
+    assert "needs gradient_checkpointing" in _validation_error(comfy_host, prompt)
+    prompt[trainer_id]["inputs"]["blocks_to_swap"] = 0
     prompt[trainer_id]["inputs"]["optimizer"] = "SGD"
     assert "optimizer" in _validation_error(comfy_host, prompt)
 

@@ -391,6 +391,11 @@ def validate(config: TrainConfig, origin: str = "config") -> TrainConfig:
     _float(config, origin, "max_grad_norm", 0)
     _choice(config, origin, "mixed_precision", PRECISIONS)
     _int(config, origin, "blocks_to_swap", 0, 1000)
+    if config.blocks_to_swap and not config.gradient_checkpointing:
+        raise ConfigError(
+            f"{origin}: blocks_to_swap needs gradient_checkpointing = true (without it every streamed weight "
+            "would be kept on the GPU for the backward pass, which defeats the swapping)"
+        )
     _int(config, origin, "batch_size", 1, 256)
     _int(config, origin, "resolution", 64, 8192)
     _int(config, origin, "bucket_step", 16, 1024)
