@@ -265,3 +265,20 @@ def test_stock_renormcfg_fails_on_batch2_where_the_patch_works(tiny):
         stock_ksampler(stock, conds, 4.0, steps=2, batch=2)
     ours = LTCFGPatch.execute(model=patcher, **OPTIONS).result[0]
     assert torch.isfinite(stock_ksampler(ours, conds, 4.0, steps=2, batch=2)).all()
+
+
+def test_post_cfg_hooks_of_other_nodes_still_run(tiny):
+    """A post-CFG patch applied before LTCFGPatch runs on every step; after truncation it sees cond == uncond."""
+    patcher, conds, _ = tiny
+    seen = []
+
+    def post_cfg(args):
+        seen.append(torch.equal(args["cond_denoised"], args["uncond_denoised"]))
+        return args["denoised"]
+
+    model, counter = counted(patcher)
+    model.set_model_sampler_post_cfg_function(post_cfg)
+    patched = LTCFGPatch.execute(model=model, **{**OPTIONS, "trunc_mode": "step_fraction"}).result[0]
+    stock_ksampler(patched, conds, 4.0)
+    assert counter.rows == 37
+    assert seen == [False] * 7 + [True] * 23
