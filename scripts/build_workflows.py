@@ -316,25 +316,12 @@ def take_thumbnails(url: str, names: list[str]):
     with tempfile.TemporaryDirectory(prefix="lt-chromium-") as profile:
         page = ComfyPage(url, Path(profile))
         try:
-            page.set_focus_mode(True)
             for name in names:
                 workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
                 missing = page.load_workflow(workflow, name)
                 if missing:
                     raise WorkflowError(f"{name}: the frontend reports missing nodes {missing}")
-                page.wait_for_previews()
-                # A window as large as the graph, so it is drawn at full detail (LiteGraph drops
-                # text and widgets when zoomed out), then scaled down here.
-                _, _, width, height = page.graph_bounds()
-                page.page.set_viewport_size(
-                    {
-                        "width": int(min(max(width + 120, 1000), 3200)),
-                        "height": int(min(max(height + 160, 700), 2000)),
-                    }
-                )
-                page.frame_nodes(margin=40)
-                png = Path(profile) / f"{name}.png"
-                page.screenshot(png, clip=page.graph_screen_box())
+                png = page.screenshot_graph(Path(profile) / f"{name}.png", max_width=THUMBNAIL_SIZE[0] * 2)
                 _fit(Image.open(png).convert("RGB"), THUMBNAIL_SIZE).save(
                     WORKFLOWS / f"{name}.jpg", quality=85, optimize=True
                 )

@@ -170,11 +170,17 @@ class ComfyPage:
         )
 
     def close_dialogs(self):
+        """Close every dialog (through the frontend's dialog store, as its close buttons do) and toast."""
         self.page.keyboard.press("Escape")
         self.evaluate(
-            "() => document.querySelectorAll('.p-toast-message .p-toast-close-button')"
-            ".forEach((b) => b.click())"
+            """() => {
+                 // The frontend's dialog store (Pinia), reached through the workspace store's Pinia.
+                 const dialogs = window.comfyAPI.app.app.extensionManager._p._s.get('dialog');
+                 for (let i = 0; i < 10 && dialogs?.dialogStack.length; i++) dialogs.closeDialog();
+                 document.querySelectorAll('.p-toast-message .p-toast-close-button').forEach((b) => b.click());
+               }"""
         )
+        self.page.wait_for_function("() => !document.querySelector('.p-dialog-mask')", timeout=5000)
 
     def set_focus_mode(self, on: bool):
         """Focus mode hides menus and sidebars: the canvas alone, for screenshots."""
@@ -219,6 +225,32 @@ class ComfyPage:
             margin,
         )
         self.page.wait_for_timeout(300)
+
+    def screenshot_graph(self, path: Path, max_width: int = 1600):
+        """The whole graph at full detail: a window as large as the graph (LiteGraph drops text and
+        widgets when zoomed out), focus mode (no menus), then scaled down to ``max_width``."""
+        from PIL import Image
+
+        self.set_focus_mode(True)
+        self.wait_for_previews()
+        _, _, width, height = self.graph_bounds()
+        self.page.set_viewport_size(
+            {
+                "width": int(min(max(width + 120, 1000), 3200)),
+                "height": int(min(max(height + 160, 700), 2000)),
+            }
+        )
+        try:
+            self.frame_nodes(margin=40)
+            self.screenshot(path, clip=self.graph_screen_box())
+        finally:
+            self.page.set_viewport_size(VIEWPORT)
+            self.set_focus_mode(False)
+        image = Image.open(path)
+        if image.width > max_width:
+            image = image.resize((max_width, round(image.height * max_width / image.width)), Image.LANCZOS)
+            image.save(path)
+        return path
 
     def graph_bounds(self) -> list[float]:
         """[x, y, width, height] of all nodes in graph space (title bars included)."""

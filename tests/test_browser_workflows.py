@@ -73,9 +73,7 @@ def test_template_loads_and_converts_back_to_its_api_twin(clean_page, object_inf
                 input_name,
             )
     if name in ("sigmoid_midpoint_few_step", "lora_training", "zimage_turbo_anchor"):
-        clean_page.wait_for_previews()
-        clean_page.frame_nodes(margin=30)
-        clean_page.screenshot(images_dir("docs") / f"template_{name}.png", clip=clean_page.graph_screen_box())
+        clean_page.screenshot_graph(images_dir("docs") / f"template_{name}.png")
 
 
 def test_template_browser_lists_every_template_with_its_thumbnail(clean_page):

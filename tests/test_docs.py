@@ -53,7 +53,13 @@ def test_frontend_shows_the_help_pages(clean_page, comfy_server):
                }""",
             node_id,
         )
-        page.locator("[data-testid=info-button]").first.click()  # the selection toolbox's info button
+        try:
+            page.locator("[data-testid=info-button]").first.click(
+                timeout=5000
+            )  # the selection toolbox's info button
+        except Exception:
+            page.screenshot(path=str(REPO / "out" / "debug_docs.png"))
+            raise AssertionError(f"dialogs open: {clean_page.dialogs()}") from None
         help_text = page.locator(".node-help-content .markdown-content")
         help_text.wait_for(timeout=10_000)
         page.wait_for_function(
