@@ -24,8 +24,10 @@ def main() -> int:
         start = time.perf_counter()
         try:
             outputs = host.run(json.loads(path.read_text()))
-            images = host.image_paths(outputs)
-            status = f"ok, {len(images)} image(s): " + ", ".join(p.name for p in images)
+            # Saved images only (PreviewImage's are temporary files).
+            images = [img["filename"] for out in outputs.values() for img in out.get("images", [])
+                      if img.get("type", "output") == "output"]
+            status = f"ok, {len(images)} image(s): " + ", ".join(images)
         except Exception as exc:  # report every workflow, then fail at the end
             failed += 1
             status = f"FAILED: {str(exc)[:300]}"
