@@ -3,8 +3,9 @@
 ``GET /lumina_turbo/sigmas?node=<NodeId>&steps=8&shift=3&...`` answers the sigmas the schedule node
 would produce for those widget values, computed by the same functions in samplers/schedules.py that
 the nodes call, so the sigma-curve preview never re-implements the math in JavaScript.
-Answers ``{"node", "params", "sigmas"}`` (ComfyUI sigma: 1 = noise, 0 = data) or 400 with
-``{"error": "..."}`` naming the bad parameter.
+Answers ``{"node", "params", "sigmas"}`` (ComfyUI sigma: 1 = noise, 0 = data). Values the schedule
+refuses (a user still typing) answer 200 with ``{"node", "error": "..."}`` naming the parameter: the
+preview shows the message, and the browser logs no failed request; an unknown node answers 404.
 
 Routes are registered on ``PromptServer.instance.routes`` when ComfyUI imports the pack (before the
 server adds its routes); in-process hosts without an HTTP server simply get none.
@@ -32,6 +33,10 @@ class PreviewError(ValueError):
     """A query the preview cannot answer; the message names the parameter and what was expected."""
 
 
+class UnknownNode(PreviewError):
+    """The node has no preview."""
+
+
 def _parse(name: str, text: str, annotation) -> object:
     kind = str(annotation)
     try:
@@ -56,7 +61,7 @@ def preview_sigmas(node: str, query: Mapping[str, str]) -> dict:
     """
     function = PREVIEW_SCHEDULES.get(node)
     if function is None:
-        raise PreviewError(f"node must be one of {sorted(PREVIEW_SCHEDULES)}, got {node!r}")
+        raise UnknownNode(f"node must be one of {sorted(PREVIEW_SCHEDULES)}, got {node!r}")
     params = {}
     for name, parameter in inspect.signature(function).parameters.items():
         text = query.get(name)
@@ -82,10 +87,13 @@ def register(routes) -> None:
     @routes.get("/lumina_turbo/sigmas")
     async def sigmas_route(request):
         query = dict(request.query)
+        node = query.pop("node", "")
         try:
-            return web.json_response(preview_sigmas(query.pop("node", ""), query))
+            return web.json_response(preview_sigmas(node, query))
+        except UnknownNode as err:
+            return web.json_response({"node": node, "error": str(err)}, status=404)
         except PreviewError as err:
-            return web.json_response({"error": str(err)}, status=400)
+            return web.json_response({"node": node, "error": str(err)})
 
 
 def _server_routes():

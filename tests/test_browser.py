@@ -134,6 +134,41 @@ def test_sigma_preview_draws_and_follows_steps(clean_page, pack_nodes, comfy_ser
     )
 
 
+def test_sigma_preview_follows_values_set_by_code_and_says_why_it_cannot_draw(clean_page, pack_nodes):
+    """A value set by another extension or a script (no widget callback) is picked up on the next
+    redraw; denoise 0 (an empty schedule) and a value the route refuses are shown as messages."""
+    if "LTAnchorScheduler" not in pack_nodes:
+        pytest.skip("LTAnchorScheduler is not registered by the pack yet")
+    node_id = add_node(clean_page, "LTAnchorScheduler", (120, 120))
+    clean_page.wait_for_previews()
+
+    def set_widget(name, value):
+        clean_page.evaluate(
+            """([id, name, value]) => {
+                 const app = window.comfyAPI.app.app;
+                 app.graph.getNodeById(id).widgets.find((w) => w.name === name).value = value;
+                 app.canvas.setDirty(true, true);
+               }""",
+            [node_id, name, value],
+        )
+
+    set_widget("shift", 6.0)
+    wait_for(
+        lambda: "shift 6" in _preview_state(clean_page.page, node_id)["caption"], 10, message="shift 6 drawn"
+    )
+    set_widget("denoise", 0.0)
+    wait_for(lambda: _preview_state(clean_page.page, node_id)["state"] == "error", 10, message="error state")
+    assert "empty schedule" in _preview_state(clean_page.page, node_id)["caption"]
+    set_widget("denoise", 1.0)
+    set_widget("steps", 5000)  # above the preview's 1000 steps: the route's own message is shown
+    wait_for(
+        lambda: "at most 1000" in _preview_state(clean_page.page, node_id)["caption"], 10, message="message"
+    )
+    set_widget("steps", 8)
+    wait_for(lambda: _preview_state(clean_page.page, node_id)["state"] == "ok", 10, message="drawn again")
+    assert len(_preview_state(clean_page.page, node_id)["sigmas"]) == 9
+
+
 def test_sigmoid_preview_takes_the_shift_of_an_upstream_model_sampling_node(clean_page, pack_nodes):
     """LTSigmoidScheduler applies its model's shift; before a run the preview reads it from a
     ModelSamplingAuraFlow node upstream (and says unshifted when nothing upstream tells)."""

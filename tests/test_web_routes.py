@@ -76,9 +76,13 @@ def test_route_on_the_real_server(comfy_server):
     assert (
         comfy_server.get_json("/api/lumina_turbo/sigmas?node=LTSigmoidScheduler&steps=3")["sigmas"][0] == 1.0
     )
+    # A value the schedule refuses is the preview's message, not a failed request (nothing logged in
+    # the browser while the user is typing); an unknown node is a 404.
+    refused = comfy_server.get_json("/lumina_turbo/sigmas?node=LTAnchorScheduler&steps=0&shift=3")
+    assert "sigmas" not in refused and "steps must be a whole number" in refused["error"]
     import urllib.error
 
     with pytest.raises(urllib.error.HTTPError) as error:
-        comfy_server.get_json("/lumina_turbo/sigmas?node=LTAnchorScheduler&steps=0&shift=3")
-    assert error.value.code == 400
-    assert "steps must be a whole number" in error.value.read().decode()
+        comfy_server.get_json("/lumina_turbo/sigmas?node=KSampler&steps=8")
+    assert error.value.code == 404
+    assert "node must be one of" in error.value.read().decode()

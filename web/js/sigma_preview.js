@@ -122,8 +122,12 @@ class SigmaPreview {
       body = { error: `preview unavailable: ${error}` };
     }
     if (request !== this.requests) return; // a newer request owns the chart
-    if (!ok) {
+    if (!ok || body?.error) {
       this.showError(body?.error ?? "preview unavailable");
+      return;
+    }
+    if (body.sigmas.length < 2) {
+      this.showError("empty schedule: nothing to sample (denoise 0)");
       return;
     }
     this.draw(body.sigmas, body.params, note);
