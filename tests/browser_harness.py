@@ -45,7 +45,9 @@ TEST_SETTINGS = {
     "Comfy.Workflow.ShowMissingModelsWarning": True,
     "Comfy.Validation.Workflows": True,
 }
-PACK_MARKERS = ("lumina_turbo", "LuminaTurbo", "LTSigma", "LTLoss")
+# A message is the pack's when it names the pack: its URLs (/extensions/lumina_turbo/..., /lumina_turbo/...,
+# stack frames of web/js/) or its extension names (LuminaTurbo.*).
+PACK_MARKERS = ("lumina_turbo", "LuminaTurbo")
 _LOCALE_DOC_PROBE = re.compile(r"/extensions/lumina_turbo/docs/[^/]+/[A-Za-z-]+\.md$")
 
 # Installed once per page: records what the frontend reports after every graph load.
@@ -193,13 +195,6 @@ class ComfyPage:
             """() => [...document.querySelectorAll('.lt-sigma-preview')]
                      .every((el) => ['ok', 'error'].includes(el.dataset.state))""",
             timeout=timeout_ms,
-        )
-
-    def fit_view(self):
-        self.evaluate(
-            "() => { const app = window.comfyAPI.app.app;"
-            " app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];"
-            " app.graph.setDirtyCanvas(true, true); }"
         )
 
     def frame_nodes(self, margin: int = 40):
@@ -380,32 +375,3 @@ def comfy_page(comfy_server):
     finally:
         page.close()
         shutil.rmtree(profile, ignore_errors=True)
-
-
-def load_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def pack_node_defs(server) -> dict:
-    """object_info of the nodes the pack registered, as the frontend receives it."""
-    info = server.get_json("/object_info")
-    return {
-        name: spec
-        for name, spec in info.items()
-        if spec.get("python_module", "").split(".")[:2] == ["custom_nodes", "lumina_turbo"]
-    }
-
-
-@pytest.fixture
-def clean_page(comfy_page):
-    """comfy_page with an empty graph and no dialog open; fails the test if the pack logged an error."""
-    comfy_page.close_dialogs()
-    comfy_page.set_focus_mode(False)
-    comfy_page.evaluate(
-        "() => { const app = window.comfyAPI.app.app; app.graph.clear();"
-        " app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0]; }"
-    )
-    seen = len(comfy_page.console)
-    yield comfy_page
-    new_errors = comfy_page.pack_errors(since=seen)
-    assert not new_errors, f"the pack logged errors in the browser: {new_errors}"

@@ -40,7 +40,7 @@ def search_nodes(page, query: str, expect: str):
     """Double click the empty canvas (opens the node search box), type ``query``; returns the result
     options once one of them shows ``expect``."""
     box = page.locator("input[role=combobox][placeholder='Search Nodes...']")
-    for _ in range(10):  # right after start-up the canvas may not take the first double click yet
+    for _ in range(20):  # right after start-up the canvas may not take the first double click yet
         page.mouse.dblclick(700, 450)
         try:
             box.wait_for(state="visible", timeout=1000)
