@@ -375,3 +375,28 @@ def comfy_page(comfy_server):
     finally:
         page.close()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def pack_node_defs(server) -> dict:
+    """object_info of the nodes the pack registered, as the frontend receives it."""
+    info = server.get_json("/object_info")
+    return {
+        name: spec
+        for name, spec in info.items()
+        if spec.get("python_module", "").split(".")[:2] == ["custom_nodes", "lumina_turbo"]
+    }
+
+
+@pytest.fixture
+def clean_page(comfy_page):
+    """comfy_page with an empty graph and no dialog open; fails the test if the pack logged an error."""
+    comfy_page.close_dialogs()
+    comfy_page.set_focus_mode(False)
+    comfy_page.evaluate(
+        "() => { const app = window.comfyAPI.app.app; app.graph.clear();"
+        " app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0]; }"
+    )
+    seen = len(comfy_page.console)
+    yield comfy_page
+    new_errors = comfy_page.pack_errors(since=seen)
+    assert not new_errors, f"the pack logged errors in the browser: {new_errors}"
