@@ -13,3 +13,9 @@ register_pack()
 
 from browser_harness import clean_page, comfy_page  # noqa: E402, F401
 from harness import comfy_host, comfy_server, tiny_models  # noqa: E402, F401
+
+
+def pytest_collection_modifyitems(config, items):
+    """Browser tests last: they share one Chromium for the rest of the session, and the slowest
+    layer then reports after the fast ones."""
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)

@@ -14,6 +14,7 @@ Prompts are built with ComfyUI's own ``comfy_execution.graph_utils.GraphBuilder`
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import shutil
@@ -33,6 +34,18 @@ from comfy_host import COMFY_DIR, REPO, bootstrap
 
 PACK_LINK = COMFY_DIR / "custom_nodes" / "lumina_turbo"
 MODELS_DIR = COMFY_DIR / "models"
+
+
+def run_coroutine(coro):
+    """``asyncio.run``, also where this thread already has a running loop (playwright's sync API
+    keeps one while a browser is open): then the coroutine runs on a loop of its own in a worker
+    thread, as ComfyUI's prompt worker thread runs the executor."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 class PromptFailed(AssertionError):
@@ -73,9 +86,9 @@ class ComfyHost:
         self.output_dir = output_dir
         self.server = RecordingServer()
         server.PromptServer.instance = self.server
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        run_coroutine(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         builtin = set(nodes.NODE_CLASS_MAPPINGS)
-        if not asyncio.run(nodes.load_custom_node(str(PACK_LINK), ignore=builtin)):
+        if not run_coroutine(nodes.load_custom_node(str(PACK_LINK), ignore=builtin)):
             raise RuntimeError(f"ComfyUI failed to import the pack from {PACK_LINK} (see the log above)")
         self.node_ids = sorted(set(nodes.NODE_CLASS_MAPPINGS) - builtin)
         self.executor = execution.PromptExecutor(
@@ -85,7 +98,7 @@ class ComfyHost:
     def validate(self, prompt: dict):
         import execution
 
-        return asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+        return run_coroutine(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
 
     def run(self, prompt: dict) -> dict:
         """Validate and execute an API-format prompt; returns the history outputs per node id."""
@@ -94,7 +107,8 @@ class ComfyHost:
             raise PromptFailed("ComfyUI refused the prompt", {"error": error, "node_errors": node_errors})
         self.server.messages.clear()
         prompt_id = str(uuid.uuid4())
-        self.executor.execute(prompt, prompt_id, {}, outputs)
+        # execute_async: PromptExecutor.execute is asyncio.run(execute_async(...)).
+        run_coroutine(self.executor.execute_async(prompt, prompt_id, {}, outputs))
         if not self.executor.success:
             errors = [data for event, data in self.executor.status_messages if event == "execution_error"]
             raise PromptFailed("the prompt failed while executing", errors)

@@ -4,6 +4,7 @@ LTModelLoader -> text encode -> EmptySD3LatentImage -> stock KSampler -> VAEDeco
 in-process through the real PromptExecutor and on a real server through POST /prompt.
 """
 
+import asyncio
 import io
 
 import numpy as np
@@ -64,6 +65,17 @@ def test_in_process_seed_reproducible(comfy_host):
     a, b, c = (assert_real_image(p.read_bytes()) for p in (first, second, other))
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_in_process_prompt_under_a_running_event_loop(comfy_host):
+    """The harness also runs prompts where the thread already has a running loop, as it has while
+    playwright's sync API holds a browser open (CI failed on that once)."""
+
+    async def queue_from_inside_a_loop():
+        return comfy_host.run(t2i_prompt("zimage", prefix="in_loop"))
+
+    (path,) = comfy_host.image_paths(asyncio.run(queue_from_inside_a_loop()))
+    assert_real_image(path.read_bytes())
 
 
 def test_single_file_without_text_encoder_is_refused(comfy_host):
