@@ -107,7 +107,7 @@ def load_transformer_file(path: str | Path, dtype: torch.dtype | None = None):
     state_dict = {k[len(prefix) :]: v for k, v in load_safetensors(path, dtype, names).items()}
     try:
         if nextdit_keys.is_comfy_nextdit(state_dict):
-            return nextdit_build.build_nextdit(state_dict, dtype=dtype)
+            return nextdit_build.build_nextdit(nextdit_keys.add_norm_final(state_dict), dtype=dtype)
         return nextdit_build.build_nextdit_from_diffusers(state_dict, dtype=dtype, consume=True)
     except ValueError as exc:
         raise ModelFileError(path, "a Lumina-Image-2.0 or Z-Image transformer", str(exc)) from exc

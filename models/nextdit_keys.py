@@ -16,8 +16,8 @@ splits it (q rows, then k rows, then v rows). Each part keeps its own row count,
 attention (k/v narrower than q) comes out right at any size.
 
 ``norm_final.weight`` exists in ComfyUI's NextDiT (and in the original checkpoints) but is never used
-by its forward pass; diffusers drops it. :func:`diffusers_to_comfy` adds it as ones so ComfyUI can
-load the result strictly.
+by its forward pass; diffusers and released ComfyUI Z-Image files drop it. :func:`add_norm_final`
+adds it as ones so ComfyUI can load the result strictly.
 
 Time and sign conventions (checked against the diffusers pipelines and ComfyUI's NextDiT)
 ---------------------------------------------------------------------------------------
@@ -231,12 +231,26 @@ def diffusers_to_comfy(state_dict, family=None, add_unused_norm_final=True, cons
         missing = next(name for name in qkv_names if name not in parts)
         raise ValueError(f"state_dict: {prefix}{missing} is missing (needed to build {prefix}{_QKV_COMFY})")
 
-    if add_unused_norm_final and "norm_final.weight" not in out:
-        ref = out.get("cap_embedder.1.weight")
-        if ref is None:
-            raise ValueError("state_dict: the caption embedder weight is missing (cannot size norm_final)")
-        out["norm_final.weight"] = torch.ones(ref.shape[0], dtype=ref.dtype, device=ref.device)
+    if add_unused_norm_final:
+        add_norm_final(out)
     return out
+
+
+def add_norm_final(state_dict):
+    """Add ComfyUI's unused ``norm_final.weight`` (ones, an RMSNorm's identity) to a ComfyUI-named
+    state dict that lacks it, in place, so ComfyUI can hold it strictly.
+
+    Diffusers drops the key and released ComfyUI Z-Image files lack it too; ComfyUI's own loader
+    leaves the parameter unset (``unet missing: ['norm_final.weight']``), which is harmless only
+    because its forward never reads it.
+    """
+    if "norm_final.weight" in state_dict:
+        return state_dict
+    ref = state_dict.get("cap_embedder.1.weight")
+    if ref is None:
+        raise ValueError("state_dict: the caption embedder weight is missing (cannot size norm_final)")
+    state_dict["norm_final.weight"] = torch.ones(ref.shape[0], dtype=ref.dtype, device=ref.device)
+    return state_dict
 
 
 def _fuse_qkv(prefix, q, k, v):

@@ -28,8 +28,11 @@ def file_choice(family, part):
     return tiny_factory.file_names(family)[part].split("/", 1)[1]
 
 
-def run_loader(comfy_host, family, source="folder", weight_dtype="default"):
-    """(MODEL, CLIP, VAE) from the LTModelLoader class ComfyUI registered, as the executor calls it."""
+def run_loader(comfy_host, family, source="folder", weight_dtype="default", model=None):
+    """(MODEL, CLIP, VAE) from the LTModelLoader class ComfyUI registered, as the executor calls it.
+
+    ``model`` names another transformer file for ``source="single"``.
+    """
     import nodes
 
     node = nodes.NODE_CLASS_MAPPINGS["LTModelLoader"]
@@ -38,6 +41,7 @@ def run_loader(comfy_host, family, source="folder", weight_dtype="default"):
     else:
         inputs = {part: file_choice(family, key) for part, key in
                   (("model", "transformer"), ("text_encoder", "text_encoder"), ("vae", "vae"))}  # fmt: skip
+        inputs["model"] = model or inputs["model"]
     inputs["weight_dtype"] = weight_dtype
     assert node.validate_inputs(**inputs) is True
     return node.execute(**inputs).args
@@ -101,6 +105,37 @@ def test_single_files_give_the_folder_model(loaded, family):
             for m in (from_folder, from_files)
         ]
     assert torch.equal(preds[0], preds[1])
+
+
+@pytest.fixture
+def diffusion_models_root(tmp_path, comfy_host):
+    """A temporary models/diffusion_models/ root registered with ComfyUI, for files derived from the tiny ones."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path("diffusion_models", str(tmp_path))
+    yield tmp_path
+    folder_paths.folder_names_and_paths["diffusion_models"][0].remove(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_file_without_norm_final(comfy_host, tiny_models, loaded, diffusion_models_root, family):
+    """Released ComfyUI files lack the unused norm_final.weight (diffusers drops it, ComfyUI's loader
+    leaves it unset): it loads, gets ones like a converted diffusers folder, and predicts the same."""
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(tiny_models / tiny_factory.file_names(family)["transformer"])
+    assert tensors.pop("norm_final.weight").shape == (tensors["cap_embedder.1.weight"].shape[0],)
+    path = diffusion_models_root / f"{family}-without-norm-final.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    model = run_loader(comfy_host, family, "single", model=path.name)[0].model
+    reference = loaded(family, "single")[0].model
+    norm_final = model.diffusion_model.norm_final.weight
+    assert torch.equal(norm_final, torch.ones_like(norm_final))
+    x, ctx, sigma = make_inputs("non_square", tensors["cap_embedder.1.weight"].shape[1], seed=7)
+    with torch.no_grad():
+        got = model.apply_model(x, sigma, c_crossattn=ctx, num_tokens=CAP_LEN)
+        ref = reference.apply_model(x, sigma, c_crossattn=ctx, num_tokens=CAP_LEN)
+    assert torch.equal(got, ref)
 
 
 def test_all_in_one_checkpoint_reads_only_its_transformer(tmp_path, tiny_models, loaded):
