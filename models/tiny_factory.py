@@ -218,6 +218,12 @@ def write_diffusers_folder(pipe, folder: Path, spiece: bytes | None = None) -> P
     pipe.save_pretrained(folder, safe_serialization=True)
     if spiece is not None:
         (folder / "tokenizer" / "tokenizer.model").write_bytes(spiece)
+    # transformers records the temporary path the tokenizer was built from; the folder's own
+    # tokenizer.model is what loads, and a released folder names no path of the machine it came from.
+    tokenizer_config = folder / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(tokenizer_config.read_text())
+    if config.pop("vocab_file", None) is not None:
+        tokenizer_config.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     shutil.rmtree(folder / "transformer")
     n_bytes = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
     pipe.transformer.save_pretrained(

@@ -23,6 +23,15 @@ def factory_stamp() -> str:
     return digest.hexdigest()[:16]
 
 
+def _all_present(models_dir: Path) -> bool:
+    """Every file and folder the factory writes is still there (a user may have deleted one)."""
+    from lumina_turbo.models.tiny_factory import FAMILIES, file_names
+    from lumina_turbo.models.tiny_lora import FILE_NAME as TINY_LORA_NAME
+
+    paths = [models_dir / name for family in FAMILIES for name in file_names(family).values()]
+    return all(path.exists() for path in paths) and (models_dir / "loras" / TINY_LORA_NAME).is_file()
+
+
 def install(models_dir: Path) -> Path:
     register_pack()
     from lumina_turbo.training.example_dataset import install_example
@@ -30,7 +39,7 @@ def install(models_dir: Path) -> Path:
     install_example(models_dir.parent / "input")  # the LoRA-training example's images + captions
     stamp_file = models_dir / ".tiny-random-models"
     stamp = factory_stamp()
-    if stamp_file.is_file() and stamp_file.read_text() == stamp:
+    if stamp_file.is_file() and stamp_file.read_text() == stamp and _all_present(models_dir):
         return models_dir
     sys.path.insert(0, str(REPO / "tests"))
     from comfy_host import bootstrap

@@ -69,15 +69,21 @@ if [ "$(readlink "$link" 2>/dev/null)" != "$REPO" ]; then
   ln -s "$REPO" "$link"
 fi
 # 5. headless Chromium for the browser tests (Debian's package; playwright drives it, never downloads one)
+# A failed attempt is remembered, so that a machine without the network does not retry at every run.
+no_chromium=.venv/.chromium-install-failed
 if [ ! -x /usr/bin/chromium ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  if [ -f "$no_chromium" ]; then
+    log "WARNING: chromium is missing (installing it failed before; rm $no_chromium to retry):" \
+        "the browser tests will fail (LT_SKIP_BROWSER=1 skips them)"
+  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     log "installing Debian's chromium for the browser tests"
     if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
-      log "WARNING: apt-get could not install chromium: the browser tests will be skipped"
+      touch "$no_chromium"
+      log "WARNING: apt-get could not install chromium: the browser tests will fail (LT_SKIP_BROWSER=1 skips them)"
     fi
   else
-    log "WARNING: /usr/bin/chromium is missing and this is not root: the browser tests will be skipped" \
-        "(install Debian's 'chromium' package to run them)"
+    log "WARNING: /usr/bin/chromium is missing and this is not root: the browser tests will fail" \
+        "(install Debian's 'chromium' package, or LT_SKIP_BROWSER=1 skips them)"
   fi
 fi
 log "ready: .venv (Python 3.11) and ComfyUI $HOST_VERSION in .comfyui/"

@@ -106,8 +106,7 @@ def _preview_state(page, node_id):
 
 @pytest.mark.parametrize("node_type", SCHEDULE_NODES)
 def test_sigma_preview_draws_and_follows_steps(clean_page, pack_nodes, comfy_server, node_type):
-    if node_type not in pack_nodes:
-        pytest.skip(f"{node_type} is not registered by the pack yet")
+    assert node_type in pack_nodes, f"the pack does not register {node_type}"
     node_id = add_node(clean_page, node_type, (120, 120))
     clean_page.wait_for_previews()
     first = _preview_state(clean_page.page, node_id)
@@ -137,8 +136,7 @@ def test_sigma_preview_draws_and_follows_steps(clean_page, pack_nodes, comfy_ser
 def test_sigma_preview_follows_values_set_by_code_and_says_why_it_cannot_draw(clean_page, pack_nodes):
     """A value set by another extension or a script (no widget callback) is picked up on the next
     redraw; denoise 0 (an empty schedule) and a value the route refuses are shown as messages."""
-    if "LTAnchorScheduler" not in pack_nodes:
-        pytest.skip("LTAnchorScheduler is not registered by the pack yet")
+    assert "LTAnchorScheduler" in pack_nodes
     node_id = add_node(clean_page, "LTAnchorScheduler", (120, 120))
     clean_page.wait_for_previews()
 
@@ -174,8 +172,7 @@ def test_sigmoid_preview_takes_the_shift_of_an_upstream_model_sampling_node(clea
     ModelSamplingAuraFlow node upstream (and says unshifted when nothing upstream tells)."""
     from lumina_turbo.samplers.schedules import sigmoid_sigmas
 
-    if "LTSigmoidScheduler" not in pack_nodes:
-        pytest.skip("LTSigmoidScheduler is not registered by the pack yet")
+    assert "LTSigmoidScheduler" in pack_nodes
     ids = clean_page.evaluate(
         """() => {
              const app = window.comfyAPI.app.app;
@@ -265,8 +262,7 @@ def test_workflow_queued_from_ui_completes(clean_page, comfy_server):
 
 def test_loss_chart_follows_training(clean_page, pack_nodes):
     """Queue the lora_training template from the UI; the trainer's chart gets every optimizer step."""
-    if "LTLoraTrainer" not in pack_nodes or not (WORKFLOWS / "lora_training.json").exists():
-        pytest.skip("LTLoraTrainer or its template is not in the pack yet")
+    assert "LTLoraTrainer" in pack_nodes
     workflow = json.loads((WORKFLOWS / "lora_training.json").read_text())
     twin = json.loads((WORKFLOWS / "api" / "lora_training.json").read_text())
     trainer_key = next(k for k, v in twin.items() if v["class_type"] == "LTLoraTrainer")
