@@ -85,7 +85,7 @@ def test_seed_toml_reads_into_config(tmp_path):
         ("[training]\nlearning_rat = 1e-4\n", "[training] learning_rat"),
         ("[optimization]\nauto_optimize = true\n", "[optimization]"),
         ("[lora]\nlearning_rate = 1e-4\n", "[lora] learning_rate"),  # right key, wrong section
-        ("[training]\nlambda_style = 0.3\n", "lambda_style"),  # a style parameter in standard mode
+        ("[training]\nlambda_stlye = 0.3\n", "lambda_stlye"),  # a typo of a loss parameter
         ("[[dataset.sources]]\ncache_directory = 'x'\n", "cache_directory"),
         ("seed = 1\n", "seed"),  # keys belong in sections in a file
     ],
@@ -93,6 +93,61 @@ def test_seed_toml_reads_into_config(tmp_path):
 def test_unknown_or_misplaced_keys_are_named(tmp_path, text, needle):
     with pytest.raises(config.ConfigError, match=r"(?s)" + needle.replace("[", r"\[").replace("]", r"\]")):
         config.load_toml(write(tmp_path, text))
+
+
+# The shape of AC-RF's own config/acrf_config.toml (research notes 1.7): the frequency and style
+# blocks are switched off but keep their parameters.
+ACRF_SHAPED_TOML = """
+[acrf]
+turbo_steps = 10
+shift = 3.0
+jitter_scale = 0.02
+
+[lora]
+network_dim = 16
+network_alpha = 16
+
+[training]
+learning_rate = 5e-5
+lambda_l1 = 1.0
+lambda_cosine = 0.1
+enable_freq = false
+lambda_freq = 0.3
+alpha_hf = 1.0
+beta_lf = 0.2
+enable_style = false
+lambda_style = 0.3
+lambda_struct = 1.0
+lambda_light = 0.5
+lambda_color = 0.3
+lambda_tex = 0.5
+snr_gamma = 5.0
+num_train_epochs = 10
+"""
+
+
+def test_inactive_loss_parameters_are_accepted_with_a_warning(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="lumina_turbo.training"):
+        c = config.load_toml(write(tmp_path, ACRF_SHAPED_TOML))
+    assert c.loss_mode == "standard"
+    assert c.loss_params == {"lambda_l1": 1.0, "lambda_cos": 0.1}  # only what standard mode uses
+    (record,) = [r for r in caplog.records if "inactive" in r.getMessage()]
+    for name in ("alpha_hf", "beta_lf", "lambda_freq", "lambda_style", "lambda_struct", "lambda_tex"):
+        assert name in record.getMessage()
+    assert "lambda_l1" not in record.getMessage()
+    # switched on, the same parameters are used
+    c = config.load_toml(write(tmp_path, ACRF_SHAPED_TOML.replace("enable_freq = false", "enable_freq = true")))
+    assert c.loss_mode == "frequency" and c.loss_params["alpha_hf"] == 1.0 and "lambda_style" not in c.loss_params
+    # an inactive parameter still needs a valid value, and a name no mode knows is still an error
+    with pytest.raises(config.ConfigError, match="alpha_hf must be a finite number"):
+        config.load_toml(write(tmp_path, ACRF_SHAPED_TOML.replace("alpha_hf = 1.0", "alpha_hf = -1.0")))
+    with pytest.raises(config.ConfigError, match="unknown loss parameter"):
+        config.validate(config.TrainConfig(loss_params={"alpha_hff": 1.0}))
+    # the node's advanced box takes the same route
+    base = config.TrainConfig()
+    assert config.parse_advanced("alpha_hf = 0.5\n", base, reserved=set()).loss_params == {}
 
 
 @pytest.mark.parametrize(

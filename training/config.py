@@ -12,6 +12,7 @@ Time convention: sigmas are ComfyUI sigmas (1 = noise, 0 = data); Lumina t = 1 -
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,8 @@ ANCHOR_CONVENTIONS = ("zimage", "diffusers")
 STYLE_BASES = ("latent_rgb", "channels")
 SYSTEM_PROMPTS = ("none", "superior", "alignment")
 CHECKPOINT_FORMAT = "lumina_turbo.train_checkpoint"
+
+log = logging.getLogger("lumina_turbo.training")
 
 
 class ConfigError(ValueError):
@@ -310,6 +313,28 @@ def _str(config, origin, name):
         _fail(origin, name, "a string", getattr(config, name))
 
 
+def _drop_inactive_loss_params(config: TrainConfig, origin: str) -> None:
+    """Parameters of another loss mode (AC-RF's files keep ``alpha_hf`` etc. next to ``enable_freq =
+    false``) are checked, then left out with a warning; a name no mode knows stays an error."""
+    if not isinstance(config.loss_params, dict):
+        _fail(origin, "loss_params", "a table of loss-mode parameters", config.loss_params)
+    used = LOSS_MODES[config.loss_mode]
+    inactive = sorted(name for name in config.loss_params if name in LOSS_PARAM_NAMES and name not in used)
+    if not inactive:
+        return
+    for name in inactive:
+        value = config.loss_params[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            _fail(origin, name, "a finite number >= 0", value)
+    log.warning(
+        "lumina_turbo: %s: %s not used by loss_mode %r (inactive, ignored)",
+        origin,
+        ", ".join(inactive),
+        config.loss_mode,
+    )
+    config.loss_params = {k: v for k, v in config.loss_params.items() if k not in inactive}
+
+
 def validate(config: TrainConfig, origin: str = "config") -> TrainConfig:
     """Check every field; raises ConfigError naming the first bad one. Normalises numbers to float."""
     from ..losses import resolve_loss_params
@@ -375,6 +400,7 @@ def validate(config: TrainConfig, origin: str = "config") -> TrainConfig:
     _int(config, origin, "lr_warmup_steps", 0)
     _int(config, origin, "lr_num_cycles", 1)
     _choice(config, origin, "loss_mode", tuple(LOSS_MODES))
+    _drop_inactive_loss_params(config, origin)
     try:
         resolve_loss_params(config.loss_mode, config.loss_params)
     except ValueError as exc:
