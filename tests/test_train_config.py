@@ -138,8 +138,14 @@ def test_inactive_loss_parameters_are_accepted_with_a_warning(tmp_path, caplog):
         assert name in record.getMessage()
     assert "lambda_l1" not in record.getMessage()
     # switched on, the same parameters are used
-    c = config.load_toml(write(tmp_path, ACRF_SHAPED_TOML.replace("enable_freq = false", "enable_freq = true")))
-    assert c.loss_mode == "frequency" and c.loss_params["alpha_hf"] == 1.0 and "lambda_style" not in c.loss_params
+    c = config.load_toml(
+        write(tmp_path, ACRF_SHAPED_TOML.replace("enable_freq = false", "enable_freq = true"))
+    )
+    assert (
+        c.loss_mode == "frequency"
+        and c.loss_params["alpha_hf"] == 1.0
+        and "lambda_style" not in c.loss_params
+    )
     # an inactive parameter still needs a valid value, and a name no mode knows is still an error
     with pytest.raises(config.ConfigError, match="alpha_hf must be a finite number"):
         config.load_toml(write(tmp_path, ACRF_SHAPED_TOML.replace("alpha_hf = 1.0", "alpha_hf = -1.0")))

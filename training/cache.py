@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .durable import publish
+
 _SAMPLE = 1024
 
 
@@ -91,9 +93,12 @@ def clip_fingerprint(clip) -> str:
 
 
 def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None, *, durable: bool = False
 ) -> None:
-    """Write ``tensors`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    """Write ``tensors`` to ``path`` through a temporary file in the same folder and an atomic rename.
+
+    ``durable``: flush the data to the disk before the rename (a user's LoRA; cache entries can be
+    recomputed and skip it)."""
     import safetensors.torch
 
     path = Path(path)
@@ -104,7 +109,10 @@ def atomic_save_safetensors(
         safetensors.torch.save_file(
             {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata
         )
-        os.replace(tmp, path)
+        if durable:
+            publish(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -4,12 +4,15 @@ One file ``training_state.pt`` per run folder (torch.save of plain tensors and P
 with ``weights_only=True``): the LoRA tensors, the optimizer and LR-schedule state, the trainer's
 torch.Generator state, the replay buffer, the loss history, the step counters, and the identity of the
 run (config fields that shape the trajectory, the dataset key, the model fingerprint). A checkpoint
-is always a state *between* optimizer steps; it is written to a temporary file and renamed over the
-previous one, so a crash while writing leaves the last good checkpoint in place.
+is always a state *between* optimizer steps; it is written to a temporary file, flushed to the disk
+and renamed over the previous one, so a crash while writing leaves the last good checkpoint in place.
+The checkpoint before it is kept as ``training_state.previous.pt``; when the newest cannot be read
+(a disk that lost it, a copy cut short), resuming falls back to that one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -17,8 +20,11 @@ from pathlib import Path
 import torch
 
 from .config import CHECKPOINT_FORMAT
+from .durable import publish
 
 CHECKPOINT_NAME = "training_state.pt"
+PREVIOUS_NAME = "training_state.previous.pt"
+log = logging.getLogger("lumina_turbo.training")
 VERSION = 1
 
 
@@ -30,6 +36,10 @@ def checkpoint_path(run_dir) -> Path:
     return Path(run_dir) / CHECKPOINT_NAME
 
 
+def previous_checkpoint_path(run_dir) -> Path:
+    return Path(run_dir) / PREVIOUS_NAME
+
+
 def save_checkpoint(run_dir, state: dict) -> Path:
     path = checkpoint_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +47,7 @@ def save_checkpoint(run_dir, state: dict) -> Path:
     os.close(handle)
     try:
         torch.save({"format": CHECKPOINT_FORMAT, "version": VERSION, **state}, tmp)
-        os.replace(tmp, path)
+        publish(tmp, path, previous=previous_checkpoint_path(run_dir))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -45,16 +55,27 @@ def save_checkpoint(run_dir, state: dict) -> Path:
 
 
 def load_checkpoint(run_dir) -> dict | None:
-    """The checkpoint of ``run_dir``, or None when there is none."""
+    """The checkpoint of ``run_dir``, or None when there is none; the previous one if the newest is unreadable."""
     path = checkpoint_path(run_dir)
     if not path.is_file():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - report which file is unusable
-        raise CheckpointMismatch(
-            f"checkpoint {path} cannot be read ({exc}); delete it or set resume = false"
-        ) from exc
+        previous = previous_checkpoint_path(run_dir)
+        try:
+            state = torch.load(previous, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - no usable fallback: report the newest file's problem
+            raise CheckpointMismatch(
+                f"checkpoint {path} cannot be read ({exc}); delete it or set resume = false"
+            ) from exc
+        log.warning(
+            "lumina_turbo: checkpoint %s cannot be read (%s); resuming from the previous one, %s",
+            path,
+            exc,
+            previous,
+        )
+        path = previous
     if (
         not isinstance(state, dict)
         or state.get("format") != CHECKPOINT_FORMAT

@@ -324,7 +324,12 @@ def _drop_inactive_loss_params(config: TrainConfig, origin: str) -> None:
         return
     for name in inactive:
         value = config.loss_params[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
             _fail(origin, name, "a finite number >= 0", value)
     log.warning(
         "lumina_turbo: %s: %s not used by loss_mode %r (inactive, ignored)",

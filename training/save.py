@@ -85,5 +85,5 @@ def save_lora_file(
     folder_resolved = Path(folder).resolve() if folder else None
     if folder_resolved and exact_path is None and folder_resolved not in path.resolve().parents:
         raise ValueError(f"filename_prefix: {prefix!r} leaves {folder}")
-    atomic_save_safetensors(tensors, path, metadata=info)
+    atomic_save_safetensors(tensors, path, metadata=info, durable=True)
     return path

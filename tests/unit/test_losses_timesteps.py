@@ -1,7 +1,5 @@
 """Training-sigma samplers: determinism, stratification, jitter and distribution checks."""
 
-import importlib
-
 import pytest
 import torch
 from scipy import stats
@@ -113,12 +111,8 @@ def test_bad_arguments():
 
 
 def test_training_anchors_come_from_the_shared_schedule():
-    try:
-        schedules = importlib.import_module("lumina_turbo.samplers.schedules")
-    except ImportError:
-        pytest.skip("samplers/schedules.py is not there yet")
-    if not hasattr(schedules, "anchor_sigmas"):
-        pytest.skip("samplers.schedules.anchor_sigmas is not there yet")
+    from lumina_turbo.samplers import schedules
+
     anchors = training_anchor_sigmas(10, 3.0)
     schedule = schedules.anchor_sigmas(10, 3.0, convention="zimage", denoise=1.0)
     assert anchors.shape == (10,)
