@@ -7,7 +7,7 @@ target velocity v = eps - x0; Lumina t = 1 - sigma; diffusers timestep = 1000 si
 from .common import noisy_latent, reduce_loss, velocity_target, x0_from_velocity
 from .curvature import curvature_neighbour_sigmas, curvature_penalty, default_curvature_step
 from .modes import LOSS_MODES, flow_loss, loss_mode_defaults, resolve_loss_params
-from .replay import HardSampleReplay
+from .replay import NO_ANCHOR, HardSampleReplay
 from .timesteps import (
     TIMESTEP_METHODS,
     sample_anchor_sigmas,
@@ -21,6 +21,7 @@ from .weighting import MIN_SNR_FORMS, min_snr_weight, snr_from_sigma
 __all__ = [
     "LOSS_MODES",
     "MIN_SNR_FORMS",
+    "NO_ANCHOR",
     "TIMESTEP_METHODS",
     "HardSampleReplay",
     "curvature_neighbour_sigmas",

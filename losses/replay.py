@@ -5,12 +5,14 @@ timestep = 1000 sigma.
 
 Provenance, honestly: the seed names a "重放缓冲区 (Replay Buffer)", but no version of the public
 AC-RF trainer has one (its nearest mechanisms are a regularisation dataset and the RAFT free-stream
-term). This is this package's own design: a bounded FIFO of recent per-sample losses; each step a
-share ``replay_ratio`` of the batch slots is given to the highest-loss entries, which leave the
-buffer when replayed (so one hard sample cannot monopolise training; if it is still hard after the
-replay its new loss brings it back). A replay reuses the sample and its sigma; the trainer draws
-fresh noise. Record comparable losses (e.g. the same weighting for every sigma) or "hardest" will
-mostly mean "noisiest sigma".
+term). This is this package's own design: a bounded FIFO of recent per-sample losses; each step
+about ``replay_ratio`` x batch size of the highest-loss entries are trained again *on top of* the
+batch (the batch's own samples are never displaced, so every epoch still trains all the data). A
+replayed entry leaves the buffer (so one hard sample cannot monopolise training; if it is still hard
+after the replay its new loss brings it back). A replay reuses the sample, its sigma and its anchor
+index (so the trainer can keep the whole batch stratified over the anchors); the trainer draws fresh
+noise. Record comparable losses - the unweighted per-sample loss, not the Min-SNR weighted one -
+or "hardest" will mostly mean "the sigma with the largest weight".
 """
 
 from __future__ import annotations
@@ -20,19 +22,21 @@ from collections import deque
 
 import torch
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: entries carry their anchor index (1: without, read as -1)
+NO_ANCHOR = -1
 
 
 class HardSampleReplay:
-    """Bounded buffer of recent (sample index, sigma, loss); deterministic given a torch.Generator.
+    """Bounded buffer of recent (sample index, sigma, loss, anchor); deterministic given a torch.Generator.
 
-    ``capacity``: entries kept (oldest dropped first). ``replay_ratio`` in [0, 1]: expected share of
-    each batch filled with replays (0 = off). ``min_entries``: no replay until this many are kept.
+    ``capacity``: entries kept (oldest dropped first). ``replay_ratio`` in [0, 1]: expected replays
+    per batch sample, added to the batch (0 = off). ``min_entries``: no replay until this many are kept.
     """
 
     def __init__(self, capacity: int = 64, replay_ratio: float = 0.0, min_entries: int = 8):
         self._configure(capacity, replay_ratio, min_entries)
-        self._entries: deque[tuple[int, int, float, float]] = deque(maxlen=self.capacity)
+        # (sequence, sample index, sigma, loss, anchor index or NO_ANCHOR)
+        self._entries: deque[tuple[int, int, float, float, int]] = deque(maxlen=self.capacity)
         self._next_sequence = 0
 
     def _configure(self, capacity, replay_ratio, min_entries) -> None:
@@ -55,10 +59,11 @@ class HardSampleReplay:
 
     def entries(self) -> list[tuple[int, float, float]]:
         """(sample index, sigma, loss) of every kept entry, oldest first."""
-        return [(index, sigma, loss) for _, index, sigma, loss in self._entries]
+        return [(index, sigma, loss) for _, index, sigma, loss, _ in self._entries]
 
-    def record(self, sample_indices, sigmas, losses) -> None:
-        """Remember one batch: dataset sample indices, their ComfyUI sigmas and per-sample losses [B].
+    def record(self, sample_indices, sigmas, losses, anchors=None) -> None:
+        """Remember one batch: dataset sample indices, their ComfyUI sigmas, per-sample losses [B] and,
+        optionally, the anchor index each sigma was drawn at (``NO_ANCHOR`` = -1 for none).
 
         Losses are detached and stored as Python floats; non-finite losses are skipped (they cannot
         be ranked).
@@ -66,20 +71,26 @@ class HardSampleReplay:
         indices = torch.as_tensor(sample_indices).detach().flatten().tolist()
         sigma_values = torch.as_tensor(sigmas).detach().flatten().tolist()
         loss_values = torch.as_tensor(losses).detach().flatten().tolist()
-        if not len(indices) == len(sigma_values) == len(loss_values):
+        anchor_values = (
+            [NO_ANCHOR] * len(indices)
+            if anchors is None
+            else torch.as_tensor(anchors).detach().flatten().tolist()
+        )
+        if not len(indices) == len(sigma_values) == len(loss_values) == len(anchor_values):
             raise ValueError(
-                f"sample_indices, sigmas and losses need one value per sample, got {len(indices)}, "
-                f"{len(sigma_values)}, {len(loss_values)}"
+                f"sample_indices, sigmas, losses (and anchors) need one value per sample, got {len(indices)}, "
+                f"{len(sigma_values)}, {len(loss_values)}, {len(anchor_values)}"
             )
-        for index, sigma, loss in zip(indices, sigma_values, loss_values, strict=True):
+        for index, sigma, loss, anchor in zip(indices, sigma_values, loss_values, anchor_values, strict=True):
             if not 0.0 <= sigma <= 1.0:
                 raise ValueError(f"sigma must lie in [0, 1] (ComfyUI sigma, 1 = noise), got {sigma}")
             if math.isfinite(loss):
-                self._entries.append((self._next_sequence, int(index), float(sigma), float(loss)))
+                entry = (self._next_sequence, int(index), float(sigma), float(loss), int(anchor))
+                self._entries.append(entry)
                 self._next_sequence += 1
 
     def replay_count(self, batch_size: int, generator: torch.Generator) -> int:
-        """How many of ``batch_size`` slots to replay this step: floor(B r) plus one with probability frac(B r).
+        """How many replays to add to a batch of ``batch_size``: floor(B r) plus one with probability frac(B r).
 
         The expectation is exactly B * replay_ratio, also for batch 1. One uniform draw is made
         whenever replay_ratio > 0, whatever the buffer holds, so the generator's sequence does not
@@ -98,8 +109,8 @@ class HardSampleReplay:
             return 0
         return min(count, batch_size, len(self._entries))
 
-    def pop_hardest(self, count: int) -> list[tuple[int, float]]:
-        """Remove and return the ``count`` highest-loss entries as (sample index, sigma), hardest first.
+    def pop_hardest(self, count: int) -> list[tuple[int, float, int]]:
+        """Remove and return the ``count`` highest-loss entries as (sample index, sigma, anchor), hardest first.
 
         Ties go to the more recent entry.
         """
@@ -111,10 +122,10 @@ class HardSampleReplay:
         self._entries = deque(
             (e for e in self._entries if e[0] not in chosen_sequences), maxlen=self.capacity
         )
-        return [(index, sigma) for _, index, sigma, _ in chosen]
+        return [(index, sigma, anchor) for _, index, sigma, _, anchor in chosen]
 
-    def plan_replays(self, batch_size: int, generator: torch.Generator) -> list[tuple[int, float]]:
-        """The (sample index, sigma) pairs to put in this batch; fill the other slots with fresh samples."""
+    def plan_replays(self, batch_size: int, generator: torch.Generator) -> list[tuple[int, float, int]]:
+        """The (sample index, sigma, anchor) entries to train in addition to a batch of ``batch_size``."""
         return self.pop_hardest(self.replay_count(batch_size, generator))
 
     def state_dict(self) -> dict:
@@ -137,12 +148,16 @@ class HardSampleReplay:
         if not isinstance(state, dict) or set(state) != expected:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"replay state must be a dict with keys {sorted(expected)}, got {got}")
-        if state["version"] != _STATE_VERSION:
+        if state["version"] not in (1, _STATE_VERSION):
             raise ValueError(
                 f"replay state version {state['version']!r} is not supported (expected {_STATE_VERSION})"
             )
         self._configure(state["capacity"], state["replay_ratio"], state["min_entries"])
-        entries = [(int(s), int(i), float(sig), float(loss)) for s, i, sig, loss in state["entries"]]
+        if state["version"] == 1:  # entries without their anchor
+            state = {**state, "entries": [[*entry, NO_ANCHOR] for entry in state["entries"]]}
+        entries = [
+            (int(s), int(i), float(sig), float(loss), int(a)) for s, i, sig, loss, a in state["entries"]
+        ]
         if len(entries) > self.capacity:
             raise ValueError(
                 f"replay state holds {len(entries)} entries, more than its capacity {self.capacity}"

@@ -67,23 +67,54 @@ def training_anchor_sigmas(
     return schedule[:-1].clone()
 
 
-def sample_anchor_indices(batch_size: int, num_anchors: int, generator: torch.Generator) -> torch.Tensor:
-    """Anchor indices [B] (int64): stratified when batch_size >= num_anchors, else uniform with replacement.
+def sample_anchor_indices(
+    batch_size: int, num_anchors: int, generator: torch.Generator, taken=None
+) -> torch.Tensor:
+    """Anchor indices [B] (int64): stratified when the batch has >= num_anchors samples, else uniform with
+    replacement.
 
     Stratified (AC-RF): every anchor appears floor(B / N) times, the B mod N remaining slots take
     distinct anchors drawn without replacement, then the batch is shuffled. So one batch of B >= N
     covers every anchor, and no anchor is over-represented by more than one.
+
+    ``taken``: anchor indices of samples already in the batch (replayed samples keep theirs). The B
+    new indices then complete the stratification of the whole batch of B + len(taken): each goes to
+    an anchor with the fewest samples so far (ties drawn at random), so the whole batch covers every
+    anchor and, unless ``taken`` alone over-fills one, no anchor has more than one sample above another.
     """
     batch_size = _check_batch_size(batch_size)
     generator = _check_generator(generator)
     if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
         raise ValueError(f"num_anchors must be a positive integer, got {num_anchors!r}")
     device = generator.device
-    if batch_size < num_anchors:
+    taken = torch.as_tensor([] if taken is None else taken, dtype=torch.int64).flatten().to(device)
+    if ((taken < 0) | (taken >= num_anchors)).any():
+        raise ValueError(f"taken: anchor indices must lie in [0, {num_anchors}), got {taken.tolist()}")
+    if batch_size + taken.numel() < num_anchors:
         return torch.randint(0, num_anchors, (batch_size,), generator=generator, device=device)
+    if taken.numel():
+        return _complete_strata(batch_size, torch.bincount(taken, minlength=num_anchors), generator)
     full_rounds = torch.arange(num_anchors, device=device).repeat(batch_size // num_anchors)
     remainder = torch.randperm(num_anchors, generator=generator, device=device)[: batch_size % num_anchors]
     indices = torch.cat([full_rounds, remainder])
+    return indices[torch.randperm(batch_size, generator=generator, device=device)]
+
+
+def _complete_strata(batch_size: int, counts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``batch_size`` anchor indices, each added to an anchor of least count (water filling), shuffled."""
+    device = generator.device
+    counts = counts.clone()
+    chosen = []
+    while sum(part.numel() for part in chosen) < batch_size:
+        candidates = (counts == counts.min()).nonzero().flatten()
+        need = batch_size - sum(part.numel() for part in chosen)
+        if candidates.numel() > need:
+            candidates = candidates[
+                torch.randperm(candidates.numel(), generator=generator, device=device)[:need]
+            ]
+        counts[candidates] += 1
+        chosen.append(candidates)
+    indices = torch.cat(chosen)
     return indices[torch.randperm(batch_size, generator=generator, device=device)]
 
 
@@ -102,17 +133,22 @@ def jitter_sigmas(sigmas: torch.Tensor, jitter_scale: float, generator: torch.Ge
 
 
 def sample_anchor_sigmas(
-    batch_size: int, anchors: torch.Tensor, generator: torch.Generator, *, jitter_scale: float = 0.02
+    batch_size: int,
+    anchors: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    jitter_scale: float = 0.02,
+    taken=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AC-RF training sigmas: (sigmas [B], anchor indices [B]); ComfyUI sigma, 1 = noise.
 
-    Indices from :func:`sample_anchor_indices`, then :func:`jitter_sigmas`. ``anchors`` usually
-    comes from :func:`training_anchor_sigmas`.
+    Indices from :func:`sample_anchor_indices` (``taken``: anchor indices already in the batch), then
+    :func:`jitter_sigmas`. ``anchors`` usually comes from :func:`training_anchor_sigmas`.
     """
     anchors = torch.as_tensor(anchors, dtype=torch.float32).flatten()
     if anchors.numel() == 0 or (anchors < 0).any() or (anchors > 1).any():
         raise ValueError(f"anchors must be a non-empty list of sigmas in [0, 1], got {anchors.tolist()}")
-    indices = sample_anchor_indices(batch_size, anchors.numel(), generator)
+    indices = sample_anchor_indices(batch_size, anchors.numel(), generator, taken=taken)
     chosen = anchors.to(indices.device)[indices]
     return jitter_sigmas(chosen, jitter_scale, generator), indices
 

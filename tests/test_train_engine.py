@@ -83,13 +83,13 @@ def test_batch_trains_each_latent_against_its_own_caption(lumina2, two_captions)
         for p in prepared:  # the cond row is the sample's own caption
             torch.testing.assert_close(p.cond[0], two_captions.text(p.sample.index))
         with torch.no_grad():
-            batched = trainer.per_sample_losses(prepared)
-            alone = torch.cat([trainer.per_sample_losses([p]) for p in prepared])
+            batched = trainer.per_sample_losses(prepared).objective
+            alone = torch.cat([trainer.per_sample_losses([p]).objective for p in prepared])
             swapped = [
                 engine.Prepared(p.sample, p.x0, p.noise, p.jitter, q.cond)
                 for p, q in zip(prepared, prepared[::-1], strict=True)
             ]
-            wrong_caption = trainer.per_sample_losses(swapped)
+            wrong_caption = trainer.per_sample_losses(swapped).objective
             # ComfyUI TrainLoraNode-style mixing: every latent sees every caption, predictions averaged
             sigma = torch.tensor([p.sample.sigma for p in prepared])
             x0 = torch.cat([p.x0 for p in prepared])
@@ -112,6 +112,101 @@ def test_batch_trains_each_latent_against_its_own_caption(lumina2, two_captions)
     torch.testing.assert_close(
         torch.tensor([x[2] for x in recorded]), torch.tensor([x[2] for x in expected]), rtol=1e-5, atol=1e-6
     )
+
+
+def test_replay_ranks_the_unweighted_flow_loss(lumina2, concept):
+    """Min-SNR weights and the curvature term change what is minimised, not which samples are hardest."""
+    model, _, _ = lumina2
+    config = small_config(
+        batch_size=2, snr_gamma=5.0, snr_floor=0.0, curvature_weight=0.5, loss_mode="standard"
+    )
+    trainer = engine.LoraTrainer(config, model, concept)
+    with trainer.loaded(), torch.no_grad():
+        prepared = trainer.prepare_micro_batch(0)
+        sigma = torch.tensor([p.sample.sigma for p in prepared])
+        x0, noise = torch.cat([p.x0 for p in prepared]), torch.cat([p.noise for p in prepared])
+        x = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+        v = trainer._velocity(x, sigma, torch.cat([p.cond for p in prepared]))
+        reference = (v - (noise - x0)).square().flatten(1).mean(1)  # standard mode: plain velocity MSE
+        objective = trainer.per_sample_losses(prepared, curvature=True).objective
+    assert (objective - reference).abs().min() > 1e-3, (
+        "weights must change the objective, or this test sees nothing"
+    )
+    fresh = engine.LoraTrainer(config, model, concept)
+    with fresh.loaded():
+        fresh._optimizer_step()  # curvature is on at micro-step 0
+    recorded = {(i, round(s, 6)): loss for i, s, loss in fresh.replay.entries()}
+    expected = {
+        (p.sample.index, round(p.sample.sigma, 6)): float(reference[k]) for k, p in enumerate(prepared)
+    }
+    assert recorded.keys() == expected.keys()
+    torch.testing.assert_close(
+        torch.tensor([recorded[k] for k in expected]),
+        torch.tensor(list(expected.values())),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+
+
+def _plan_epochs(trainer, micro_steps):
+    """Plan micro-batches in order, feeding the buffer made-up losses (a replay then happens every step)."""
+    planned = []
+    for micro in range(micro_steps):
+        samples = [p.sample for p in trainer.prepare_micro_batch(micro)]
+        planned.append((trainer._batch_items(micro), samples))
+        losses = torch.arange(len(samples), dtype=torch.float32) + micro
+        trainer.replay.record(
+            [s.index for s in samples],
+            [s.sigma for s in samples],
+            losses,
+            anchors=[s.anchor for s in samples],
+        )
+    return planned
+
+
+def test_replays_come_on_top_of_the_scheduled_batch(lumina2, concept):
+    model, _, _ = lumina2
+    config = small_config(batch_size=2, replay_ratio=0.5, replay_min_entries=1, replay_capacity=8)
+    trainer = engine.LoraTrainer(config, model, concept)
+    per_epoch = concept.batches_per_epoch(2)
+    with trainer.loaded():
+        planned = _plan_epochs(trainer, 3 * per_epoch)
+    replayed = 0
+    for items, samples in planned:
+        fresh = [s.index for s in samples if not s.replay]
+        assert fresh == items, "every scheduled item is trained, in its slot"
+        assert all(s.replay for s in samples[len(items) :])
+        replayed += len(samples) - len(items)
+    assert replayed >= per_epoch  # about one replay per batch of 2 at ratio 0.5
+    for epoch in range(3):
+        trained = sorted(
+            i for items, _ in planned[epoch * per_epoch : (epoch + 1) * per_epoch] for i in items
+        )
+        assert trained == sorted(range(len(concept)))
+
+
+def test_whole_batch_with_replays_is_stratified_over_the_anchors(lumina2, concept):
+    model, _, _ = lumina2
+    config = small_config(
+        batch_size=4,
+        turbo_steps=4,
+        replay_ratio=1.0,
+        replay_min_entries=1,
+        replay_capacity=16,
+        jitter_scale=0.0,
+    )
+    trainer = engine.LoraTrainer(config, model, concept)  # 3 items: one batch of 3 per epoch
+    with trainer.loaded():
+        planned = _plan_epochs(trainer, 6)
+    with_replays = 0
+    for _, samples in planned:
+        counts = torch.bincount(torch.tensor([s.anchor for s in samples]), minlength=4)
+        if len(samples) >= 4:  # 3 fresh + replays: the whole batch covers the 4 anchors evenly
+            with_replays += 1
+            assert counts.min() == len(samples) // 4 and counts.max() <= len(samples) // 4 + 1, counts
+        for s in samples:  # the sigma is the anchor's (no jitter), replays keep theirs
+            assert abs(s.sigma - float(trainer.anchors[s.anchor].clamp(0.001, 0.999))) < 1e-6
+    assert with_replays >= 4
 
 
 def _interrupt_after(step):

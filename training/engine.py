@@ -12,7 +12,13 @@ TrainLoraNode instead evaluates every caption on every latent and averages, for 
 
 Loss (per sample, velocity space, ComfyUI sigma 1 = noise):
     L_b = w_b * flow_loss_b + curvature_weight * curvature_b,   w_b = Min-SNR weight (1 when off)
-objective = mean_b L_b (reduce_loss), divided by the accumulation count.
+objective = mean_b L_b (reduce_loss), divided by the accumulation count. The replay buffer ranks
+samples by the unweighted flow_loss_b: the Min-SNR weight alone would make "hardest" mean "the sigma
+with the largest weight".
+
+Replay: the hardest recent samples are trained in addition to the scheduled batch (never instead of
+its items, so each epoch trains every item), and the fresh anchors are drawn so that the whole
+micro-batch, replays included, is stratified over the anchors.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ..losses import (
+    NO_ANCHOR,
     HardSampleReplay,
     curvature_neighbour_sigmas,
     curvature_penalty,
@@ -71,6 +79,13 @@ class Sample:
     index: int  # dataset item
     sigma: float
     drop_caption: bool = False
+    anchor: int = NO_ANCHOR  # index of the anchor the sigma was drawn at (NO_ANCHOR: not an anchor draw)
+    replay: bool = False  # trained again from the replay buffer, on top of the scheduled batch
+
+
+class SampleLosses(NamedTuple):
+    objective: torch.Tensor  # [B] L_b: Min-SNR weighted, plus curvature (what is minimised)
+    flow: torch.Tensor  # [B] the loss mode's loss before any weighting (what the replay buffer ranks)
 
 
 @dataclass
@@ -206,32 +221,40 @@ class LoraTrainer:
             self._epoch_cache = (epoch, batches)
         return self._epoch_cache[1][position]
 
-    def _fresh_sigmas(self, count: int) -> torch.Tensor:
+    def _fresh_sigmas(self, count: int, taken: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas [count], anchor index or NO_ANCHOR [count]); ``taken``: anchors already in the batch."""
         config, generator = self.config, self.generator
+        no_anchor = torch.full((count,), NO_ANCHOR, dtype=torch.int64)
         if config.timestep_method == "uniform":
-            return sample_uniform_sigmas(count, generator, shift=config.shift)
+            return sample_uniform_sigmas(count, generator, shift=config.shift), no_anchor
         if config.timestep_method == "shifted_sigmoid":
-            return sample_shifted_sigmoid_sigmas(
+            sigmas = sample_shifted_sigmoid_sigmas(
                 count,
                 generator,
                 shift=config.shift,
                 sigmoid_mean=config.sigmoid_mean,
                 sigmoid_scale=config.sigmoid_scale,
             )
-        sigmas, _ = sample_anchor_sigmas(count, self.anchors, generator, jitter_scale=config.jitter_scale)
+            return sigmas, no_anchor
+        sigmas, anchors = sample_anchor_sigmas(
+            count, self.anchors, generator, jitter_scale=config.jitter_scale, taken=taken
+        )
         if config.raft_mode:
             free = torch.rand(count, generator=generator) < config.free_stream_ratio
             sigmas = torch.where(free, sample_uniform_sigmas(count, generator, shift=config.shift), sigmas)
-        return sigmas
+            anchors = torch.where(free, no_anchor, anchors)
+        return sigmas, anchors
 
     def _plan(self, items: list[int]) -> list[Sample]:
+        """The scheduled ``items`` with fresh sigmas, then the replays drawn for this batch (on top)."""
         replays = self.replay.plan_replays(len(items), self.generator)
-        fresh = len(items) - len(replays)
-        samples = []
-        if fresh:
-            sigmas = self._fresh_sigmas(fresh)
-            samples = [Sample(i, float(s)) for i, s in zip(items[:fresh], sigmas.tolist(), strict=True)]
-        samples += [Sample(int(i), float(s)) for i, s in replays]
+        taken = [anchor for _, _, anchor in replays if anchor != NO_ANCHOR]
+        sigmas, anchors = self._fresh_sigmas(len(items), taken)
+        samples = [
+            Sample(i, float(s), anchor=int(a))
+            for i, s, a in zip(items, sigmas.tolist(), anchors.tolist(), strict=True)
+        ]
+        samples += [Sample(int(i), float(s), anchor=int(a), replay=True) for i, s, a in replays]
         if self.dataset.caption_dropout_rate > 0:
             drops = torch.rand(len(samples), generator=self.generator) < self.dataset.caption_dropout_rate
             for sample, drop in zip(samples, drops.tolist(), strict=True):
@@ -264,9 +287,9 @@ class LoraTrainer:
             prepared.append(Prepared(sample, x0, noise, jitter, cond))
         return prepared
 
-    def per_sample_losses(self, prepared: list[Prepared], curvature: bool = False) -> torch.Tensor:
-        """L_b for samples that share latent size and caption length: ONE forward pass over exactly these
-        samples, each with its own caption (cond row b belongs to latent b)."""
+    def per_sample_losses(self, prepared: list[Prepared], curvature: bool = False) -> SampleLosses:
+        """L_b (and the unweighted flow loss) for samples that share latent size and caption length: ONE
+        forward pass over exactly these samples, each with its own caption (cond row b belongs to latent b)."""
         device = self.device
         sigma = torch.tensor([p.sample.sigma for p in prepared], dtype=torch.float32, device=device)
         x0 = torch.cat([p.x0 for p in prepared]).to(device)
@@ -277,7 +300,7 @@ class LoraTrainer:
             x_sigma = x_sigma + torch.cat([p.jitter for p in prepared]).to(device)
         pred = self._velocity(x_sigma, sigma, conds).float()
         target = velocity_target(x0, noise)
-        per_sample = flow_loss(
+        flow = flow_loss(
             pred,
             target,
             x_sigma,
@@ -287,6 +310,7 @@ class LoraTrainer:
             latent_rgb_factors=self.rgb_factors,
             latent_rgb_bias=self.rgb_bias,
         )
+        per_sample = flow
         if self.config.snr_gamma > 0:
             per_sample = per_sample * min_snr_weight(
                 sigma, self.config.snr_gamma, form=self.config.snr_form, floor=self.config.snr_floor
@@ -299,7 +323,7 @@ class LoraTrainer:
             per_sample = per_sample + self.config.curvature_weight * curvature_penalty(
                 pred, sigma, v_first, first, v_second, second, step=self.curvature_step
             )
-        return per_sample
+        return SampleLosses(per_sample, flow.detach())
 
     def _micro_step(self, micro_step: int) -> float:
         self.check_interrupt()
@@ -313,15 +337,19 @@ class LoraTrainer:
             and micro_step % self.config.curvature_interval == 0
         )
         batch, accumulation = len(prepared), self.config.gradient_accumulation_steps
-        losses = torch.zeros(batch)
+        losses, flows = torch.zeros(batch), torch.zeros(batch)
         for members in groups.values():
-            per_sample = self.per_sample_losses([prepared[i] for i in members], use_curvature)
+            per_sample, flow = self.per_sample_losses([prepared[i] for i in members], use_curvature)
             if not torch.isfinite(per_sample).all():
                 self._diverged(f"the loss is {per_sample.detach().cpu().tolist()}")
             # mean over the whole micro-batch, taken group by group so each graph is freed early
             (reduce_loss(per_sample) * len(members) / batch / accumulation).backward()
             losses[members] = per_sample.detach().float().cpu()
-        self.replay.record([p.sample.index for p in prepared], [p.sample.sigma for p in prepared], losses)
+            flows[members] = flow.float().cpu()
+        samples = [p.sample for p in prepared]
+        self.replay.record(
+            [s.index for s in samples], [s.sigma for s in samples], flows, anchors=[s.anchor for s in samples]
+        )
         return float(losses.mean())
 
     def _diverged(self, what: str):

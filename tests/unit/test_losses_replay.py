@@ -17,11 +17,34 @@ def test_replays_the_hardest_and_removes_them():
     buffer.record([0, 1, 2, 3], torch.tensor([0.9, 0.5, 0.3, 0.1]), torch.tensor([0.2, 0.9, 0.5, 0.9]))
     # ties (loss 0.9) go to the more recent entry
     assert buffer.pop_hardest(3) == [
-        (3, pytest.approx(0.1)),
-        (1, pytest.approx(0.5)),
-        (2, pytest.approx(0.3)),
+        (3, pytest.approx(0.1), -1),
+        (1, pytest.approx(0.5), -1),
+        (2, pytest.approx(0.3), -1),
     ]
     assert [entry[0] for entry in buffer.entries()] == [0]
+
+
+def test_replays_keep_their_anchor_index():
+    buffer = HardSampleReplay(capacity=10, replay_ratio=0.5, min_entries=1)
+    buffer.record([4, 5, 6], [0.96, 0.5, 0.7], [1.0, 3.0, 2.0], anchors=[1, 5, -1])
+    assert buffer.pop_hardest(3) == [(5, 0.5, 5), (6, pytest.approx(0.7), -1), (4, pytest.approx(0.96), 1)]
+    with pytest.raises(ValueError, match="one value per sample"):
+        buffer.record([0, 1], [0.5, 0.5], [1.0, 2.0], anchors=[0])
+
+
+def test_version_1_state_loads_without_anchors():
+    buffer = HardSampleReplay(capacity=4, replay_ratio=0.5, min_entries=1)
+    state = {
+        "version": 1,
+        "capacity": 4,
+        "replay_ratio": 0.5,
+        "min_entries": 1,
+        "next_sequence": 2,
+        "entries": [[0, 7, 0.5, 1.0], [1, 8, 0.3, 2.0]],
+    }
+    buffer.load_state_dict(state)
+    assert buffer.pop_hardest(2) == [(8, 0.3, -1), (7, 0.5, -1)]
+    assert buffer.state_dict()["version"] == 2
 
 
 def test_capacity_keeps_the_most_recent():

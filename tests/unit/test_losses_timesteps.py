@@ -42,6 +42,39 @@ def test_stratified_indices_cover_every_anchor(batch_size):
         assert counts.sum() == batch_size
 
 
+@pytest.mark.parametrize(
+    ("batch_size", "taken"), [(8, [3, 7]), (10, [0, 1, 2]), (6, [9, 2, 4, 5]), (9, [2]), (15, [1, 1, 6])]
+)
+def test_new_indices_complete_the_stratification_of_the_whole_batch(batch_size, taken):
+    total = batch_size + len(taken)
+    for seed in range(20):
+        fresh = sample_anchor_indices(batch_size, 10, _gen(seed), taken=taken)
+        assert fresh.shape == (batch_size,)
+        counts = torch.bincount(torch.cat([torch.tensor(taken), fresh]), minlength=10)
+        # the whole batch is stratified exactly as a batch of `total` fresh draws would be
+        assert counts.min() == total // 10 and counts.max() <= total // 10 + 1, (taken, fresh)
+    # ties are drawn at random, and the result is shuffled
+    orders = {
+        tuple(sample_anchor_indices(batch_size, 10, _gen(seed), taken=taken).tolist()) for seed in range(6)
+    }
+    assert len(orders) > 1
+
+
+def test_taken_indices_over_one_anchor_and_small_batches():
+    # two replays at anchor 0 already exceed its share in a batch of 10: the fresh draws avoid it
+    fresh = sample_anchor_indices(8, 10, _gen(0), taken=[0, 0])
+    assert 0 not in fresh.tolist()
+    counts = torch.bincount(torch.cat([torch.tensor([0, 0]), fresh]), minlength=10)
+    assert counts.max() == 2 and (counts[1:] <= 1).all()
+    # fewer than N in the whole batch: uniform draws, as without replays
+    small = torch.cat([sample_anchor_indices(2, 10, _gen(seed), taken=[4]) for seed in range(300)])
+    assert torch.bincount(small, minlength=10).min() > 30
+    with pytest.raises(ValueError, match="taken"):
+        sample_anchor_indices(4, 10, _gen(0), taken=[10])
+    _, taken_too = sample_anchor_sigmas(9, ANCHORS, _gen(1), jitter_scale=0.0, taken=[5])
+    assert sorted(taken_too.tolist()) == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+
+
 def test_stratified_order_is_shuffled_and_small_batches_in_range():
     orders = {tuple(sample_anchor_indices(10, 10, _gen(seed)).tolist()) for seed in range(5)}
     assert len(orders) == 5
