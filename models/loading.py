@@ -22,7 +22,12 @@ from .safetensors_io import (
     majority_float_dtype,
     read_header,
 )
-from .text_encoders import check_tokenizer, clip_from_diffusers_folder, clip_from_state_dict
+from .text_encoders import (
+    check_tokenizer,
+    clip_from_diffusers_folder,
+    clip_from_state_dict,
+    text_encoder_width,
+)
 from .vae import vae_from_diffusers_folder, vae_from_state_dict
 
 DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,6 +35,10 @@ TRANSFORMER_CLASSES = ("Lumina2Transformer2DModel", "ZImageTransformer2DModel")
 PIPELINE_CLASSES = ("Lumina2Pipeline", "Lumina2Text2ImgPipeline", "ZImagePipeline")
 # Prefixes that all-in-one checkpoints put in front of the transformer keys.
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+FAMILY_NAMES = {nextdit_keys.LUMINA2: "Lumina-Image-2.0", nextdit_keys.ZIMAGE: "Z-Image"}
+# The text encoder whose hidden states each family's caption embedder reads.
+TEXT_ENCODER_OF = {nextdit_keys.LUMINA2: "gemma2", nextdit_keys.ZIMAGE: "qwen3"}
+TEXT_ENCODER_NAMES = {"gemma2": "Gemma-2", "qwen3": "Qwen3"}
 
 
 def _read_json(path: Path, expected: str) -> dict:
@@ -97,13 +106,78 @@ def load_transformer_folder(folder: str | Path, dtype: torch.dtype | None = None
         raise ModelFileError(tdir / "config.json", expected, str(exc)) from exc
 
 
+def transformer_header(path: str | Path) -> tuple[str, dict]:
+    """(prefix, header entries named without it) of a transformer file, or of a diffusers
+    ``transformer/`` folder's shards (no prefix); nothing but the headers is read."""
+    if Path(path).is_dir():
+        return "", folder_tensor_infos(path)
+    infos = read_header(path)
+    prefix = next((p for p in TRANSFORMER_PREFIXES if any(k.startswith(p) for k in infos)), "")
+    return prefix, {k[len(prefix) :]: v for k, v in infos.items() if k.startswith(prefix)}
+
+
+def transformer_family_and_width(infos: dict, source: str | Path) -> tuple[str, int]:
+    """(family, caption width) of a transformer from its key names and the caption embedder's shape
+    (header entries are enough), so another model's file is refused before its tensors are read."""
+    if nextdit_keys.is_comfy_nextdit(infos):
+        family, caption = nextdit_keys.detect_comfy_family(infos), "cap_embedder.1.weight"
+    else:
+        try:
+            family = nextdit_keys.detect_diffusers_family(infos)
+        except ValueError as exc:
+            expected = "a Lumina-Image-2.0 or Z-Image transformer (ComfyUI NextDiT or diffusers key names)"
+            raise ModelFileError(source, expected, str(exc)) from exc
+        caption = {
+            nextdit_keys.LUMINA2: "time_caption_embed.caption_embedder.1.weight",
+            nextdit_keys.ZIMAGE: "cap_embedder.1.weight",
+        }[family]
+    if caption not in infos:
+        raise ModelFileError(
+            source, f"a {FAMILY_NAMES[family]} transformer with {caption!r}", "it is missing"
+        )
+    return family, infos[caption].shape[1]
+
+
+def text_encoder_names(sd: dict) -> dict:
+    """HF text-encoder keys as ComfyUI reads them: a bare Gemma2Model / Qwen3Model saves them
+    without the ``model.`` prefix."""
+    if any(k.startswith("model.") for k in sd):
+        return sd
+    return {(k if k == "spiece_model" else f"model.{k}"): v for k, v in sd.items()}
+
+
+def check_pairing(transformer: str | Path, text_encoder: str | Path) -> None:
+    """Refuse a text encoder whose hidden states the transformer cannot read, from headers only.
+
+    ``transformer``: a single file or a diffusers ``transformer/`` folder; ``text_encoder``: a file or
+    a ``text_encoder/`` folder. Lumina-Image-2.0 reads Gemma-2, Z-Image Qwen3, and the caption
+    embedder's input width is the text encoder's hidden size.
+    """
+    family, width = transformer_family_and_width(transformer_header(transformer)[1], transformer)
+    te_infos = folder_tensor_infos(text_encoder) if Path(text_encoder).is_dir() else read_header(text_encoder)
+    kind, hidden = text_encoder_width(text_encoder_names(te_infos), str(text_encoder))
+    if kind != TEXT_ENCODER_OF[family]:
+        raise ModelFileError(
+            text_encoder,
+            f"a {TEXT_ENCODER_NAMES[TEXT_ENCODER_OF[family]]} text encoder, which the "
+            f"{FAMILY_NAMES[family]} transformer {transformer} reads",
+            f"it is a {TEXT_ENCODER_NAMES[kind]} text encoder",
+        )
+    if hidden != width:
+        raise ModelFileError(
+            text_encoder,
+            f"hidden size {width}, the caption width of the transformer {transformer}",
+            f"its hidden size is {hidden}",
+        )
+
+
 def load_transformer_file(path: str | Path, dtype: torch.dtype | None = None):
     """One .safetensors transformer, ComfyUI-named or diffusers-named (optionally behind an
     all-in-one checkpoint prefix) -> ComfyUI ModelPatcher."""
-    infos = read_header(path)
-    prefix = next((p for p in TRANSFORMER_PREFIXES if any(k.startswith(p) for k in infos)), "")
-    names = [k for k in infos if k.startswith(prefix)]
-    dtype = dtype or majority_float_dtype((infos[k].dtype, infos[k].numel) for k in names)
+    prefix, infos = transformer_header(path)
+    transformer_family_and_width(infos, path)
+    dtype = dtype or majority_float_dtype((info.dtype, info.numel) for info in infos.values())
+    names = [prefix + k for k in infos]
     state_dict = {k[len(prefix) :]: v for k, v in load_safetensors(path, dtype, names).items()}
     try:
         if nextdit_keys.is_comfy_nextdit(state_dict):
@@ -124,10 +198,7 @@ def load_diffusers_folder(folder: str | Path, dtype: torch.dtype | None = None):
 
 
 def load_text_encoder_file(path: str | Path):
-    sd = load_safetensors(path)
-    if not any(k.startswith("model.") for k in sd):
-        sd = {(k if k == "spiece_model" else f"model.{k}"): v for k, v in sd.items()}
-    return clip_from_state_dict(sd, str(path))
+    return clip_from_state_dict(text_encoder_names(load_safetensors(path)), str(path))
 
 
 def load_vae_file(path: str | Path):

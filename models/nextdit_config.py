@@ -26,7 +26,7 @@ of ``multiple_of``); diffusers' own formulas (Lumina-2: ``4*dim*mult`` rounded, 
 
 import re
 
-from .nextdit_keys import LUMINA2, ZIMAGE
+from .nextdit_keys import LUMINA2, ZIMAGE, detect_comfy_family
 
 FAMILY_DEFAULTS = {
     LUMINA2: {
@@ -264,7 +264,7 @@ def unet_config_from_state_dict(state_dict, overrides=None):
     bad = sorted(set(overrides) - set(NOT_IN_TENSORS))
     if bad:
         raise ValueError(f"overrides: {bad} can be read from the tensors; only {NOT_IN_TENSORS} may be given")
-    family = ZIMAGE if "layers.0.adaLN_modulation.0.weight" in state_dict else LUMINA2
+    family = detect_comfy_family(state_dict)
 
     dim, cap_feat_dim = _shape(state_dict, "cap_embedder.1.weight")
     values = dict(FAMILY_DEFAULTS[family])

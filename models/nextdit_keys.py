@@ -170,6 +170,12 @@ def is_comfy_nextdit(state_dict):
     return "cap_embedder.1.weight" in state_dict and any(k.endswith(_QKV_COMFY) for k in state_dict)
 
 
+def detect_comfy_family(state_dict):
+    """``"zimage"`` or ``"lumina2"`` for ComfyUI NextDiT keys: Z-Image's blocks modulate through
+    ``adaLN_modulation.0`` (no SiLU module in front), Lumina-2's through ``adaLN_modulation.1``."""
+    return ZIMAGE if "layers.0.adaLN_modulation.0.weight" in state_dict else LUMINA2
+
+
 def _split_block_key(key):
     """'layers.3.attn.to_q.weight' -> ('layers.3.', 'attn.to_q.weight'); None outside the block stacks."""
     parts = key.split(".", 2)

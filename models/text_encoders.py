@@ -18,6 +18,13 @@ from .safetensors_io import load_folder_state_dict
 
 # kind (= transformers' config.json model_type) -> (ComfyUI model name, head_dim fixed by its config class)
 TEXT_ENCODERS = {"gemma2": ("gemma2_2b", 256), "qwen3": ("qwen3_4b", 128)}
+# The tensors the sizes are read from (see text_encoder_config).
+SIZE_KEYS = (
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.self_attn.k_proj.weight",
+    "model.layers.0.mlp.gate_proj.weight",
+)
 
 
 def detect_text_encoder(sd: dict[str, torch.Tensor], source: str) -> str:
@@ -38,10 +45,25 @@ def detect_text_encoder(sd: dict[str, torch.Tensor], source: str) -> str:
     )
 
 
+def text_encoder_width(sd: dict, source: str) -> tuple[str, int]:
+    """(kind, hidden size) of an HF-keyed text encoder; ``sd`` may hold header entries (anything with
+    a ``shape``) instead of tensors, so it is cheap before loading."""
+    kind = detect_text_encoder(sd, source)
+    missing = [key for key in SIZE_KEYS if key not in sd]
+    if missing:
+        raise ModelFileError(
+            source,
+            f"a complete {kind} text encoder (its sizes are read from {', '.join(SIZE_KEYS)})",
+            f"{', '.join(missing)} missing",
+        )
+    return kind, sd["model.embed_tokens.weight"].shape[1]
+
+
 def text_encoder_config(
     sd: dict[str, torch.Tensor], kind: str, source: str, hf_config: dict | None = None
 ) -> dict:
     """ComfyUI config overrides read from the tensor shapes (and config.json where shapes can't tell)."""
+    text_encoder_width(sd, source)
     _, head_dim = TEXT_ENCODERS[kind]
     embed = sd["model.embed_tokens.weight"]
     q = sd["model.layers.0.self_attn.q_proj.weight"]

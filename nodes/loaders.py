@@ -118,10 +118,20 @@ class LTModelLoader(io.ComfyNode):
             files = [("text_encoders", text_encoder), ("vae", vae)]
             if folder is None:
                 files.append(("diffusion_models", model))
+            paths = {}
             for kind, name in files:
-                path = folder_paths.get_full_path(kind, name) if name != FROM_FOLDER else None
-                if path is not None:
-                    read_header(path)  # a truncated or corrupt file is refused before anything loads
+                paths[kind] = folder_paths.get_full_path(kind, name) if name != FROM_FOLDER else None
+                if paths[kind] is not None:
+                    read_header(paths[kind])  # a truncated or corrupt file is refused before anything loads
+            # the pair is checked from the headers: a wrong family or width would only fail deep in torch
+            transformer = os.path.join(folder, "transformer") if folder else paths.get("diffusion_models")
+            encoder = (
+                os.path.join(folder, "text_encoder")
+                if text_encoder == FROM_FOLDER
+                else paths["text_encoders"]
+            )
+            if transformer is not None and encoder is not None:
+                loading.check_pairing(transformer, encoder)
         except ModelFileError as error:
             return str(error)
         values = {"model": model, "text_encoder": text_encoder, "vae": vae, "weight_dtype": weight_dtype}

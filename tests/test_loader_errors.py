@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 from harness import PromptFailed, graph
 
 from lumina_turbo.models import tiny_factory
@@ -25,7 +27,7 @@ def roots(tmp_path_factory, comfy_host):
     import folder_paths
 
     base = tmp_path_factory.mktemp("broken-models")
-    added = {kind: base / kind for kind in ("diffusers", "diffusion_models", "text_encoders")}
+    added = {kind: base / kind for kind in ("diffusers", "diffusion_models", "text_encoders", "vae")}
     for kind, path in added.items():
         path.mkdir()
         folder_paths.add_model_folder_path(kind, str(path))
@@ -46,6 +48,11 @@ def clone(tiny_models, family, dest, copy=()):
             else:
                 target.symlink_to(path)
     return dest
+
+
+def file_name(family, part):
+    """The tiny model's file name as the loader's combo offers it."""
+    return tiny_factory.file_names(family)[part].split("/", 1)[1]
 
 
 def shard(folder, number):
@@ -112,6 +119,44 @@ def test_sd_like_unet_folder(comfy_host, tiny_models, roots):
                    folder / "transformer" / "config.json", "it does not exist")  # fmt: skip
 
 
+def test_single_file_of_another_model(comfy_host, tiny_models, roots):
+    """A Flux-named transformer file is refused from its header names, before the prompt runs."""
+    path = roots["diffusion_models"] / "flux-like.safetensors"
+    flux_keys = ("img_in.weight", "double_blocks.0.img_attn.qkv.weight", "final_layer.linear.weight")
+    safetensors.torch.save_file({key: torch.zeros(8, 8) for key in flux_keys}, str(path))
+    prompt = loader_prompt(path.name, file_name("lumina2", "text_encoder"), file_name("lumina2", "vae"))
+    assert_refused(comfy_host, tiny_models, roots, prompt, "ComfyUI refused the prompt", path,
+                   "a Lumina-Image-2.0 or Z-Image transformer", "'double_blocks.0.img_attn.qkv.weight'")  # fmt: skip
+
+
+# ---------------------------------------------------------------- transformer and text encoder that do not pair
+
+
+@pytest.mark.parametrize("layout", ["single file", "folder"])
+def test_gemma_text_encoder_with_zimage_transformer(comfy_host, tiny_models, roots, layout):
+    """Z-Image reads Qwen3 hidden states: a Gemma-2 file is refused before the prompt runs, naming both."""
+    model = file_name("zimage", "transformer") if layout == "single file" else "tiny-random-zimage"
+    vae = file_name("zimage", "vae") if layout == "single file" else FROM_FOLDER
+    transformer = file_name("zimage", "transformer") if layout == "single file" else "transformer"
+    prompt = loader_prompt(model, file_name("lumina2", "text_encoder"), vae)
+    assert_refused(comfy_host, tiny_models, roots, prompt, "ComfyUI refused the prompt",
+                   file_name("lumina2", "text_encoder"), transformer,
+                   "a Qwen3 text encoder, which the Z-Image transformer", "it is a Gemma-2 text encoder")  # fmt: skip
+
+
+def test_text_encoder_of_another_width(comfy_host, tiny_models, roots):
+    """A Qwen3 whose hidden size (48) is not the Z-Image caption width (32) is refused, naming both files."""
+    import transformers
+
+    config = transformers.Qwen3Config(**{**tiny_factory.QWEN3_TINY, "hidden_size": 48, "vocab_size": 1024})
+    state_dict = transformers.Qwen3Model(config).state_dict()
+    path = roots["text_encoders"] / "qwen3-hidden-48.safetensors"
+    safetensors.torch.save_file({f"model.{k}": v.contiguous() for k, v in state_dict.items()}, str(path))
+    prompt = loader_prompt(file_name("zimage", "transformer"), path.name, file_name("zimage", "vae"))
+    assert_refused(comfy_host, tiny_models, roots, prompt, "ComfyUI refused the prompt", path,
+                   file_name("zimage", "transformer"), "hidden size 32", "its hidden size is 48")  # fmt: skip
+
+
 # ---------------------------------------------------------------- broken weights
 
 
@@ -165,6 +210,55 @@ def test_config_that_disagrees_with_the_tensors(comfy_host, tiny_models, roots):
     config_path.write_text(json.dumps({**config, "num_kv_heads": 4}))  # the weights have 2 kv heads
     assert_refused(comfy_host, tiny_models, roots, loader_prompt("wrong-config"), config_path,
                    "config.json matches the weights", "attention.qkv.weight'] has shape (192, 96)")  # fmt: skip
+
+
+def test_text_encoder_file_without_embeddings(comfy_host, tiny_models, roots):
+    from lumina_turbo.models import loading
+    from lumina_turbo.models.errors import ModelFileError
+
+    tensors = safetensors.torch.load_file(
+        str(tiny_models / tiny_factory.file_names("zimage")["text_encoder"])
+    )
+    del tensors["model.embed_tokens.weight"]
+    path = roots["text_encoders"] / "qwen3-without-embeddings.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    prompt = loader_prompt(file_name("zimage", "transformer"), path.name, file_name("zimage", "vae"))
+    assert_refused(comfy_host, tiny_models, roots, prompt, "ComfyUI refused the prompt", path,
+                   "a complete qwen3 text encoder", "model.embed_tokens.weight missing")  # fmt: skip
+    # loaded directly (as the CLI trainer does), the same error
+    with pytest.raises(ModelFileError, match="model.embed_tokens.weight missing"):
+        loading.load_text_encoder_file(path)
+
+
+VAE_BREAKS = {  # how a copy of the tiny VAE file is broken, and what the message must say
+    "mismatched": (
+        lambda t: {**t, "decoder.conv_out.weight": torch.zeros(3, 64, 3, 3)},
+        ["decoder.conv_out.weight is [3, 64, 3, 3], the VAE needs [3, 32, 3, 3]"],
+    ),
+    "incomplete": (
+        lambda t: {k: v for k, v in t.items() if k != "decoder.up.0.block.0.conv1.weight"},
+        ["missing ['decoder.up.0.block.0.conv1.weight']"],
+    ),
+    "without-an-encoder-level": (
+        lambda t: {k: v for k, v in t.items() if not k.startswith("encoder.down.3.")},
+        ["unexpected ['decoder.up.3."],
+    ),
+    "four-channel": (
+        lambda t: {**t, "decoder.conv_in.weight": t["decoder.conv_in.weight"][:, :4].clone()},
+        ["16-channel Flux-shaped VAE", "its latent has 4 channels"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(VAE_BREAKS))
+def test_vae_file_that_does_not_fit(comfy_host, tiny_models, roots, name):
+    """ComfyUI raises torch's size mismatch for such files, or leaves missing tensors uninitialised."""
+    tensors = safetensors.torch.load_file(str(tiny_models / tiny_factory.file_names("zimage")["vae"]))
+    broken, expected = VAE_BREAKS[name]
+    path = roots["vae"] / f"vae-{name}.safetensors"
+    safetensors.torch.save_file(broken(tensors), str(path))
+    prompt = loader_prompt(file_name("zimage", "transformer"), file_name("zimage", "text_encoder"), path.name)
+    assert_refused(comfy_host, tiny_models, roots, prompt, path, "expected", *expected)
 
 
 # ---------------------------------------------------------------- tokenizers
