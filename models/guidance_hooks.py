@@ -3,9 +3,12 @@
 The math (which steps are guided, CFG formulas, renorm) lives in ``samplers/guidance.py``; this module
 only connects it to ComfyUI's sampling function (``comfy/samplers.py``) on a model clone:
 
+0. a ``SAMPLER_SAMPLE`` wrapper wraps the sampler's step callback, so that every model call is placed in the
+   sampler step it belongs to (``samplers/sampler_steps.py``: a heun corrector belongs to the step it
+   corrects, although it is evaluated where the next step starts);
 1. a ``PREDICT_NOISE`` wrapper decides, once per model call, which branches the call needs -- ``"both"``,
-   ``"cond"`` or ``"uncond"`` -- from the call's sigma, ``transformer_options["sample_sigmas"]`` and the
-   guider's cfg, and hands the decision down in a copy of ``model_options``;
+   ``"cond"`` or ``"uncond"`` -- from the call's sigma and step, ``transformer_options["sample_sigmas"]``
+   and the guider's cfg, and hands the decision down in a copy of ``model_options``;
 2. ``sampler_calc_cond_batch_function`` evaluates only those branches: a skipped branch is ``None`` in
    ``calc_cond_batch``, so its forward pass really never runs. A single branch is returned in both slots,
    so ComfyUI's pre/post-CFG hooks of other nodes see cond == uncond ("no guidance") instead of zeros;
@@ -22,8 +25,14 @@ import math
 from dataclasses import dataclass
 
 from ..samplers import guidance
+from ..samplers.sampler_steps import SamplerSteps
 
 PLAN_KEY = "lumina_turbo_cfg_plan"  # model_options key carrying the wrapper's decision to the hooks
+STEPS_KEY = "lumina_turbo_sampler_steps"  # model_options key carrying one run's SamplerSteps
+# Calls between two step reports of ComfyUI samplers that evaluate a step's end point before the next step
+# starts there (heun's corrector; dpm_2_ancestral's midpoint on a flow model, exp(lerp(log s, log s'^2/s)));
+# until the run shows its pattern once, nothing else tells such a call from the next step's first.
+END_POINT_SAMPLERS = {"sample_heun": 2, "sample_heunpp2": 3, "sample_dpm_2_ancestral": 2}
 WRAPPER_KEY = "lumina_turbo_cfg"
 AFTER_TRUNC = ("cond", "uncond")
 PLANS = ("both", "cond", "uncond")
@@ -59,16 +68,17 @@ class GuidanceSettings:
         truncates_to_uncond = self.after_trunc == "uncond" and self.trunc_mode != "off"
         return not self.is_neutral(cfg) or truncates_to_uncond
 
-    def plan(self, sigma, sample_sigmas, cfg: float) -> str:
+    def plan(self, sigma, sample_sigmas, cfg: float, step: int | None = None) -> str:
         """Branches a model call at ComfyUI ``sigma`` needs: ``"both"``, ``"cond"`` or ``"uncond"``.
 
         ``sample_sigmas`` is the schedule the sampler was given (None outside sampling: the step-indexed
-        modes then cannot truncate and CFG stays on).
+        modes then cannot truncate and CFG stays on); ``step`` the sampler step of the call when known
+        (else it is derived from the sigma).
         """
         if sample_sigmas is None and self.trunc_mode in ("step_fraction", "zimage", "last_steps"):
             active = True
         else:
-            active = guidance.cfg_is_active(self.trunc_mode, self.trunc, sigma, sample_sigmas)
+            active = guidance.cfg_is_active(self.trunc_mode, self.trunc, sigma, sample_sigmas, step=step)
         if not active:
             return self.after_trunc
         return "cond" if self.is_neutral(cfg) else "both"
@@ -87,6 +97,26 @@ def _uses_sampling_function(guider) -> bool:
     return getattr(type(guider), "predict_noise", None) is comfy.samplers.CFGGuider.predict_noise
 
 
+class StepReportWrapper:
+    """``WrappersMP.SAMPLER_SAMPLE`` wrapper: one :class:`SamplerSteps` per sampling run, fed by the
+    sampler's step callback (wrapped; the original still runs) and handed to the model calls in
+    ``model_options``. KSAMPLER calls ``callback(i, denoised, x, total_steps)`` for step i."""
+
+    def __call__(self, executor, guider, sigmas, extra_args, callback, *args, **kwargs):
+        function = getattr(executor.class_obj, "sampler_function", None)
+        steps = SamplerSteps(sigmas, END_POINT_SAMPLERS.get(getattr(function, "__name__", None)))
+
+        def report(step, *rest):
+            steps.step_reported(step)
+            if callback is not None:
+                return callback(step, *rest)
+
+        model_options = {**extra_args.get("model_options", {}), STEPS_KEY: steps}
+        return executor(
+            guider, sigmas, {**extra_args, "model_options": model_options}, report, *args, **kwargs
+        )
+
+
 class PlanWrapper:
     """``WrappersMP.PREDICT_NOISE`` wrapper: decides the branches of this model call (see module doc)."""
 
@@ -99,7 +129,9 @@ class PlanWrapper:
         if not _uses_sampling_function(guider):
             return executor(x, timestep, model_options, seed)
         sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-        plan = self.settings.plan(timestep, sample_sigmas, guider.cfg)
+        steps = model_options.get(STEPS_KEY)
+        step = None if steps is None else steps.step_of_call(timestep)
+        plan = self.settings.plan(timestep, sample_sigmas, guider.cfg, step=step)
         if plan != "cond" and not guider.conds.get("negative"):
             raise ValueError(
                 f"negative: no negative conditioning, but this step needs the unconditional branch "
@@ -149,15 +181,20 @@ def patch_model(model_patcher, settings: GuidanceSettings):
     """A clone of ``model_patcher`` whose sampling evaluates only the branches ``settings`` need.
 
     Replaces the clone's ``sampler_cfg_function`` and ``sampler_calc_cond_batch_function`` (ComfyUI has
-    one slot each) and any earlier LTCFGPatch; wrappers and pre/post-CFG hooks of other nodes stay.
+    one slot each) and the wrappers of any earlier LTCFGPatch; wrappers and pre/post-CFG hooks of other
+    nodes stay.
     """
     import comfy.patcher_extension
 
     settings.validate()
     patched = model_patcher.clone()
-    kind = comfy.patcher_extension.WrappersMP.PREDICT_NOISE
-    patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
-    patched.add_wrapper_with_key(kind, WRAPPER_KEY, PlanWrapper(settings))
+    wrappers = comfy.patcher_extension.WrappersMP
+    for kind, wrapper in (
+        (wrappers.SAMPLER_SAMPLE, StepReportWrapper()),
+        (wrappers.PREDICT_NOISE, PlanWrapper(settings)),
+    ):
+        patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
     patched.set_model_sampler_calc_cond_batch_function(calc_planned_branches)
     patched.set_model_sampler_cfg_function(PlannedCFG(settings), disable_cfg1_optimization=True)
     return patched

@@ -101,22 +101,22 @@ def _as_float(sigma) -> float:
     return float(sigma)
 
 
-def step_index(sigma, sample_sigmas) -> int:
-    """0-based index of the sampling step that a model call at ``sigma`` belongs to.
+def step_position(sigma, sample_sigmas) -> tuple[int, bool]:
+    """Where a model call at ComfyUI ``sigma`` (1 = noise) sits on the schedule: ``(step, at_start)``.
 
-    ``sigma`` is ComfyUI sigma (1 = noise; a float or the per-row ``timestep`` tensor); ``sample_sigmas`` the
-    1-D descending schedule ComfyUI puts in ``transformer_options["sample_sigmas"]`` (N steps, N + 1 points,
-    possibly a partial schedule after denoise < 1 or SplitSigmas: indices count within it).
-    Step i runs from ``sample_sigmas[i]`` down to ``sample_sigmas[i+1]``:
+    ``step`` is the 0-based index of the sampling step the sigma falls in, ``at_start`` whether the sigma is
+    that step's start point rather than strictly inside the step. ``sigma`` is a float or the per-row
+    ``timestep`` tensor; ``sample_sigmas`` the 1-D descending schedule ComfyUI puts in
+    ``transformer_options["sample_sigmas"]`` (N steps, N + 1 points, possibly a partial schedule after
+    denoise < 1 or SplitSigmas: indices count within it). Step i runs from ``sample_sigmas[i]`` down to
+    ``sample_sigmas[i+1]``:
 
-    * a sigma on a schedule point belongs to the step that starts there;
+    * a sigma on a schedule point is the start of the step that starts there;
     * a sigma strictly between two points (midpoint/heun-type sub-steps, an SDE sampler's 0.9999 for 1.0)
-      belongs to the step that started at the larger one;
+      is inside the step that started at the larger one;
     * a sigma slightly above a point (s_churn's sigma_hat: less than 20 % of the step above) counts as
-      that point; anything above the first point is step 0, anything below the last start is step N - 1.
-
-    Heun's corrector call at ``sample_sigmas[i+1]`` is indistinguishable from step i+1's first call and is
-    attributed to step i+1: a lookup from sigma alone cannot tell them apart.
+      that point; anything above the first point is step 0's start, anything below the last start is
+      inside step N - 1.
     """
     starts = torch.as_tensor(sample_sigmas).reshape(-1)[:-1].tolist()
     if not starts:
@@ -124,18 +124,30 @@ def step_index(sigma, sample_sigmas) -> int:
     s = _as_float(sigma)
     index = sum(1 for point in starts if point >= s) - 1
     if index < 0:
-        return 0
+        return 0, True
     below = index + 1
     if below < len(starts) and s - starts[below] <= _ABOVE_POINT_TOLERANCE * (starts[index] - starts[below]):
-        return below
-    return index
+        return below, True
+    return index, s == starts[index]
 
 
-def cfg_is_active(trunc_mode: str, trunc_value, sigma, sample_sigmas) -> bool:
+def step_index(sigma, sample_sigmas) -> int:
+    """0-based index of the sampling step a model call at ComfyUI ``sigma`` (1 = noise) falls in, from the
+    sigma alone: the ``step`` of :func:`step_position` (same arguments and rules).
+
+    A sigma cannot tell a heun corrector at ``sample_sigmas[i+1]`` (step i) from step i+1's first call
+    there; samplers that report their steps (see ``samplers/sampler_steps.py``) settle that.
+    """
+    return step_position(sigma, sample_sigmas)[0]
+
+
+def cfg_is_active(trunc_mode: str, trunc_value, sigma, sample_sigmas, step: int | None = None) -> bool:
     """Whether CFG is still applied to a model call at ComfyUI ``sigma`` (1 = noise) under ``trunc_mode``.
 
-    Lumina t = 1 - sigma; diffusers timestep = 1000 * sigma. ``sample_sigmas`` as in :func:`step_index`;
-    i = :func:`step_index`, N = len(sample_sigmas) - 1 (steps in the schedule the sampler was given).
+    Lumina t = 1 - sigma; diffusers timestep = 1000 * sigma. ``sample_sigmas`` as in :func:`step_position`;
+    N = len(sample_sigmas) - 1 (steps in the schedule the sampler was given). i is ``step``, the sampler
+    step the call belongs to when the caller knows it (every call of one step then gets one decision),
+    else :func:`step_index` of ``sigma``; it is used by the step-indexed modes only.
 
     * ``off``: always.
     * ``step_fraction`` -- diffusers Lumina2Pipeline ``cfg_trunc_ratio``
@@ -163,8 +175,8 @@ def cfg_is_active(trunc_mode: str, trunc_value, sigma, sample_sigmas) -> bool:
         raise ValueError(f"trunc_mode must be one of {TRUNCATION_MODES}, got {trunc_mode!r}")
 
     schedule = torch.as_tensor(sample_sigmas).reshape(-1)
-    index = step_index(sigma, schedule)
     num_steps = schedule.numel() - 1
+    index = step_index(sigma, schedule) if step is None else min(max(int(step), 0), num_steps - 1)
     if trunc_mode == "step_fraction":
         return (index + 1) / num_steps <= float(trunc_value)
     if trunc_mode == "last_steps":
@@ -175,11 +187,12 @@ def cfg_is_active(trunc_mode: str, trunc_value, sigma, sample_sigmas) -> bool:
 
 
 def guided_steps(trunc_mode: str, trunc_value, sample_sigmas) -> list[bool]:
-    """For each of the N steps of ``sample_sigmas`` (ComfyUI sigma, 1 = noise), whether its first model call
-    is guided: :func:`cfg_is_active` at the step's start sigma (same sources and inequalities).
+    """For each of the N steps of ``sample_sigmas`` (ComfyUI sigma, 1 = noise), whether it is guided:
+    :func:`cfg_is_active` at the step's start sigma (same sources and inequalities).
 
-    Exact NFE accounting for one-call-per-step samplers (euler, dpmpp_2m): a guided step costs 2 batch
-    rows, an unguided one 1.
+    Exact NFE accounting for the step-indexed modes: every model call of a guided step costs 2 batch rows,
+    of an unguided one 1 (euler, dpmpp_2m: one call per step; heun, midpoint: two). ``lumina_t`` and
+    ``sigma`` decide per call, so a later stage of a step may differ from the step's start.
     """
     schedule = torch.as_tensor(sample_sigmas).reshape(-1)
     return [

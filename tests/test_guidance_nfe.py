@@ -1,13 +1,16 @@
 """NFE accounting and batch safety of LTCFGGuider / LTCFGPatch on the tiny Lumina-2 model.
 
-A DIFFUSION_MODEL wrapper counts the transformer batch rows really evaluated (x.shape[0] per forward) and
-which branch each row was (``cond_or_uncond``: 0 = positive, 1 = negative). Expected counts come from each
-source's own inequality written inline (ComfyUI sigma, 1 = noise; Lumina t = 1 - sigma) and from hand counts.
+A DIFFUSION_MODEL wrapper (tests/guidance_counting.py) counts the transformer batch rows really evaluated
+(x.shape[0] per forward) and which branch each row was (``cond_or_uncond``: 0 = positive, 1 = negative).
+Expected counts come from each source's own inequality written inline (ComfyUI sigma, 1 = noise; Lumina
+t = 1 - sigma), from hand counts, and -- for multi-stage samplers -- from the sampler step of each call read
+back from the whole run (the calls and the sampler's step reports, in order).
 """
 
 import pytest
 import torch
 from comfy_host import COMFY_DIR, bootstrap
+from guidance_counting import RowCounter
 
 bootstrap()
 
@@ -34,38 +37,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-class RowCounter:
-    """DIFFUSION_MODEL wrapper recording (sigma, cond_or_uncond, rows) per forward pass."""
-
-    def __init__(self):
-        self.forwards = []
-
-    def __call__(self, executor, x, timesteps, *args, **kwargs):
-        branches = tuple(kwargs.get("transformer_options", {}).get("cond_or_uncond", ()))
-        self.forwards.append((float(timesteps[0]), branches, x.shape[0]))
-        return executor(x, timesteps, *args, **kwargs)
-
-    @property
-    def rows(self):
-        return sum(rows for _, _, rows in self.forwards)
-
-    def rows_by_sigma(self):
-        """(sigma, rows) per model call: a cond-only forward followed by an uncond-only one at the same sigma
-        is one guided call whose branches could not be batched (different token lengths)."""
-        calls = []
-        for sigma, branches, rows in self.forwards:
-            if (
-                calls
-                and calls[-1][0] == sigma
-                and set(calls[-1][1]) | set(branches) == {0, 1}
-                and not set(calls[-1][1]) & set(branches)
-            ):
-                calls[-1] = [sigma, (0, 1), calls[-1][2] + rows]
-            else:
-                calls.append([sigma, branches, rows])
-        return [(sigma, rows) for sigma, _, rows in calls]
-
-
 @pytest.fixture(scope="module")
 def tiny():
     patcher = loading.load_transformer_folder(COMFY_DIR / "models" / "diffusers" / "tiny-random-lumina2")
@@ -87,6 +58,7 @@ def counted(patcher):
 
 
 def run_guider(tiny, sigmas, cfg=4.0, negative="negative_equal", sampler="euler", batch=1, seed=0, **options):
+    """Sample through LTCFGGuider; the counter also records the sampler's step reports (its callback)."""
     patcher, conds, _ = tiny
     model, counter = counted(patcher)
     guider = LTCFGGuider.execute(
@@ -99,7 +71,9 @@ def run_guider(tiny, sigmas, cfg=4.0, negative="negative_equal", sampler="euler"
     if isinstance(sampler, str):
         sampler = comfy.samplers.sampler_object(sampler)
     noise = torch.randn(batch, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
-    out = guider.sample(noise, torch.zeros_like(noise), sampler, sigmas, seed=seed, disable_pbar=True)
+    out = guider.sample(
+        noise, torch.zeros_like(noise), sampler, sigmas, seed=seed, disable_pbar=True, callback=counter.report
+    )
     return out, counter
 
 
@@ -174,22 +148,55 @@ def test_no_negative_at_cfg_1(tiny):
     assert counter.rows == 30
 
 
+MIDPOINT = comfy.samplers.KSAMPLER(sample_flow_midpoint)
+
+
 @pytest.mark.parametrize(
-    "sampler, calls, rows",
+    "sampler, mode, trunc, calls, rows",
     [
-        # one call per step
-        ("dpmpp_2m", 30, 37),
-        # predictor at s_i (step i) + corrector at s_{i+1} (counted as step i+1), none after the last step:
-        # 30 + 29 calls; guided: predictors of steps 0-6 and correctors of steps 0-5
-        ("heun", 59, 59 + 7 + 6),
-        # two calls per step, the midpoint one inside the step: steps 0-6 guided twice
-        (comfy.samplers.KSAMPLER(sample_flow_midpoint), 60, 60 + 14),
+        # one call per step: 7 guided steps of 30 (step_fraction 0.25), 25 (last_steps 5)
+        ("dpmpp_2m", "step_fraction", 0.25, 30, 30 + 7),
+        ("dpmpp_2m", "last_steps", 5, 30, 30 + 25),
+        # predictor at s_i + corrector at s_{i+1} (step i's, although step i+1 starts there); the last step,
+        # to sigma 0, is Euler: 29 two-call steps + 1; every call of a guided step evaluates both branches
+        ("heun", "step_fraction", 0.25, 59, 59 + 2 * 7),
+        ("heun", "last_steps", 5, 59, 59 + 2 * 25),
+        # two calls per step, the second inside the step (the RF variant's last step is Euler)
+        ("dpmpp_2s_ancestral", "step_fraction", 0.25, 59, 59 + 2 * 7),
+        ("dpmpp_2s_ancestral", "last_steps", 5, 59, 59 + 2 * 25),
+        (MIDPOINT, "step_fraction", 0.25, 60, 60 + 2 * 7),
+        (MIDPOINT, "last_steps", 5, 60, 60 + 2 * 25),
     ],
-    ids=["dpmpp_2m", "heun", "flow_midpoint"],
+    ids=lambda v: "flow_midpoint" if v is MIDPOINT else None,
 )
-def test_multi_stage_samplers_step_fraction(tiny, sampler, calls, rows):
-    _, counter = run_guider(tiny, tiny[2], sampler=sampler, trunc_mode="step_fraction", trunc=0.25)
+def test_multi_stage_samplers_guide_whole_steps(tiny, sampler, mode, trunc, calls, rows):
+    _, counter = run_guider(tiny, tiny[2], sampler=sampler, trunc_mode=mode, trunc=trunc)
     assert (len(counter.rows_by_sigma()), counter.rows) == (calls, rows)
+
+
+SAMPLERS = ["euler", "heun", "heunpp2", "dpm_2_ancestral", "dpmpp_2m", "dpmpp_2s_ancestral", "sa_solver_pece"]
+
+
+@pytest.mark.parametrize(
+    "sampler", [*SAMPLERS, MIDPOINT], ids=lambda v: "flow_midpoint" if v is MIDPOINT else v
+)
+@pytest.mark.parametrize("mode, trunc", [("last_steps", 5), ("step_fraction", 0.5), ("zimage", 0.2)])
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "split"])
+def test_every_call_of_a_guided_step_is_guided(tiny, sampler, mode, trunc, partial):
+    """6 steps with CFG on the first 1 (last_steps 5) or 3 (step_fraction 0.5), or while Lumina t at the step's
+    start <= 0.2 (4 steps; 2 of the ``split`` ones): the low half of a 12-step schedule, as after SplitSigmas,
+    which starts below 1, where the first step's later stages land near the next point."""
+    sigmas = comfy.samplers.calculate_sigmas(tiny[0].get_model_object("model_sampling"), "simple", 12)
+    sigmas = sigmas[6:] if partial else sigmas[::2]
+    _, counter = run_guider(tiny, sigmas, sampler=sampler, trunc_mode=mode, trunc=trunc)
+    guided = reference_guided(mode, trunc, sigmas)
+    assert 0 < sum(guided) < 6
+    steps = counter.steps_of_calls()
+    assert len(steps) > 6 or sampler in (
+        "euler",
+        "dpmpp_2m",
+    )  # multi-stage samplers have more calls than steps
+    assert [rows for _, rows in counter.rows_by_sigma()] == [2 if guided[step] else 1 for step in steps]
 
 
 def test_lumina_t_decides_per_model_call_like_official(tiny):
@@ -200,10 +207,10 @@ def test_lumina_t_decides_per_model_call_like_official(tiny):
         assert rows == (2 if bool(1 - torch.tensor(sigma, dtype=torch.float32) < 0.3) else 1)
 
 
-def stock_ksampler(model, conds, cfg, steps=30, batch=1):
+def stock_ksampler(model, conds, cfg, steps=30, batch=1, sampler="euler"):
     latent = {"samples": torch.zeros(batch, 16, 8, 8)}
     return nodes.KSampler().sample(
-        model, 0, steps, cfg, "euler", "simple", conds["positive"], conds["negative_shorter"], latent
+        model, 0, steps, cfg, sampler, "simple", conds["positive"], conds["negative_shorter"], latent
     )[0]["samples"]
 
 
@@ -218,6 +225,15 @@ def test_patch_with_stock_ksampler(tiny, cfg, cfg_formula, rows):
     )
     stock_ksampler(patched.result[0], conds, cfg)
     assert counter.rows == rows
+
+
+def test_patch_with_stock_ksampler_heun_guides_whole_steps(tiny):
+    """The stock KSampler passes its own preview callback: the patch counts steps through it too."""
+    patcher, conds, _ = tiny
+    model, counter = counted(patcher)
+    patched = LTCFGPatch.execute(model=model, **{**OPTIONS, "trunc_mode": "last_steps", "trunc": 5})
+    stock_ksampler(patched.result[0], conds, 4.0, sampler="heun")
+    assert (len(counter.rows_by_sigma()), counter.rows) == (59, 59 + 2 * 25)
 
 
 # --- batch 2 -----------------------------------------------------------------------------------------------

@@ -171,7 +171,7 @@ def test_lumina_t_compares_like_official_float32_tensor():
         (0.74, 2),
         (0.625 * 1.01, 3),  # s_churn sigma_hat slightly above 0.625 -> step 3
         (0.625 + 0.2 * 0.125 + 1e-6, 2),  # beyond the tolerance: a sub-step of step 2
-        (0.625, 3),  # heun's corrector of step 2 is indistinguishable from step 3's first call
+        (0.625, 3),  # by sigma alone heun's corrector of step 2 looks like step 3's first call
         (0.0625, 7),
         (0.0, 7),
     ],
