@@ -32,8 +32,9 @@ class LTContextDrop(io.ComfyNode):
             description=(
                 "Lumina-Next's Time-Aware Context Drop for Lumina-2 / Z-Image: in attention the image keys and "
                 "values are average-pooled over kernel x kernel token windows while every query is kept, so "
-                "high-resolution forwards get much cheaper. Full strength at the noise end, none at the data "
-                "end (bit-identical there); caption tokens are never pooled. Falls back to exact attention "
+                "high-resolution forwards get cheaper. Full strength at the noise end, none at and below "
+                "end_sigma (0.3 by default: the last steps are bit-identical to the unpatched model); caption "
+                "tokens are never pooled. Falls back to exact attention "
                 "(logged once) where the layout is not the expected one."
             ),
             inputs=[
@@ -60,8 +61,9 @@ class LTContextDrop(io.ComfyNode):
                     min=0.0,
                     max=1.0,
                     step=0.01,
-                    tooltip="At and below this sigma no layer drops (exact model). In between, the "
-                    "dropping fraction of the selected layers falls linearly.",
+                    tooltip="At and below this sigma no layer drops (exact model). 0.3 makes the last step "
+                    "of the usual Lumina-2 / Z-Image schedules exact (samplers never reach sigma 0). In "
+                    "between, the dropping fraction of the selected layers falls linearly.",
                 ),
                 io.String.Input(
                     "layers",

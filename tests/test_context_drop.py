@@ -1,5 +1,6 @@
-"""LTContextDrop: pooled keys/values match an independent reference; off and at the data end the
-patched model is bit-identical (model apply and the real executor, tiny Lumina-2 and Z-Image)."""
+"""LTContextDrop: pooled keys/values match an independent reference; off, and by default at the last
+sampled sigma of real schedules, the patched model is bit-identical (model apply and the real
+executor, tiny Lumina-2 and Z-Image, a 26-layer Lumina-2); fallbacks warn once."""
 
 import logging
 
@@ -14,6 +15,13 @@ from lumina_turbo.models.context_drop import ContextDropSettings
 
 FAMILIES = ("lumina2", "zimage")
 PAD = {"lumina2": None, "zimage": 32}  # NextDiT pad_tokens_multiple of each family
+DEPTH = {"lumina2": 26, "zimage": 30}  # main layers of the released models
+
+
+@pytest.fixture
+def fresh_log(monkeypatch):
+    """The once-per-process warnings as if no fallback had happened yet."""
+    monkeypatch.setattr(context_drop, "_logged", set())
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +63,7 @@ def inputs(seed=0, h=14, w=10, cap=7, batch=1):
 
 def test_strength_and_layer_choice():
     assert context_drop.drop_strength(1.0) == 1.0 and context_drop.drop_strength(0.0) == 0.0
+    assert context_drop.drop_strength(0.3) == 0.0 and context_drop.drop_strength(0.65) == pytest.approx(0.5)
     assert context_drop.drop_strength(0.5, start_sigma=0.8, end_sigma=0.2) == pytest.approx(0.5)
     assert context_drop.drop_strength(0.9, start_sigma=0.8, end_sigma=0.2) == 1.0
     assert context_drop.dropping_layers(1.0, [0, 1, 2, 3]) == {0, 1, 2, 3}
@@ -80,10 +89,16 @@ def reference_pool(tokens, grid, r):
     return torch.stack(out, dim=2)
 
 
-@pytest.mark.parametrize("grid, r", [((4, 3), 2), ((7, 5), 3), ((6, 6), 2)])
+@pytest.mark.parametrize("grid, r", [((4, 3), 2), ((7, 5), 3), ((6, 6), 2), ((1, 5), 3), ((8, 8), 4)])
 def test_pool_grid_matches_loops(grid, r):
     tokens = torch.randn(2, 3, grid[0] * grid[1], 5)
     torch.testing.assert_close(context_drop.pool_grid(tokens, grid, r), reference_pool(tokens, grid, r))
+    # NextDiT's layout: (B, tokens, heads, d) moved to (B, heads, tokens, d), a non-contiguous view
+    strided = tokens.movedim(1, 2).contiguous().movedim(2, 1)
+    torch.testing.assert_close(context_drop.pool_grid(strided, grid, r), reference_pool(tokens, grid, r))
+    half = context_drop.pool_grid(tokens.bfloat16(), grid, r)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), reference_pool(tokens.bfloat16().float(), grid, r), atol=1e-2, rtol=1e-2)
 
 
 def sdpa(q, k, v, heads, mask=None, skip_reshape=True, **_):
@@ -91,7 +106,7 @@ def sdpa(q, k, v, heads, mask=None, skip_reshape=True, **_):
     return out.transpose(1, 2).reshape(q.shape[0], -1, heads * q.shape[-1])
 
 
-def test_masks_are_pooled_when_constant_and_honoured_by_falling_back(caplog):
+def test_masks_are_pooled_when_constant_and_honoured_by_falling_back(caplog, fresh_log):
     cap, grid = 3, (4, 4)
     n = cap + 16
     q, k, v = (torch.randn(1, 2, n, 8) for _ in range(3))
@@ -200,6 +215,83 @@ def test_off_and_data_end_are_bit_identical(models, family):
     assert not torch.equal(apply_model(default, x, 1.0, context), exact[1.0])
 
 
+def real_schedule(patcher, steps):
+    """The sigmas ComfyUI's KSampler evaluates ('simple' scheduler, the model's own shift: Lumina-2 6,
+    Z-Image 3), followed by the final 0 that is never evaluated."""
+    import comfy.samplers
+
+    return comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", steps)
+
+
+SCHEDULES = [("lumina2", 20), ("lumina2", 30), ("lumina2", 50), ("zimage", 8)]  # released defaults
+
+
+def dropping(sigma, layers, **settings):
+    s = ContextDropSettings(**settings)
+    return context_drop.dropping_layers(context_drop.drop_strength(float(sigma), s.start_sigma, s.end_sigma), layers)
+
+
+@pytest.mark.parametrize("family, steps", SCHEDULES)
+def test_default_drops_no_layer_at_the_last_sampled_sigma(models, family, steps):
+    sigmas = real_schedule(models[family], steps)
+    layers = list(range(DEPTH[family]))
+    last = float(sigmas[-2])
+    assert float(sigmas[-1]) == 0.0 and last > 0.1  # sigma 0 itself is never evaluated
+    assert dropping(last, layers) == set()
+    assert dropping(sigmas[0], layers) == set(layers)
+    assert dropping(last, layers, end_sigma=0.0)  # a linear fall to sigma 0 still pools there
+
+
+@pytest.fixture(scope="module")
+def deep_lumina2():
+    """A tiny-width Lumina-2 with the released model's 26 main layers."""
+    bootstrap()
+    from diffusers import Lumina2Transformer2DModel
+
+    from lumina_turbo.models import nextdit_build, tiny_transformers
+
+    config = {**tiny_transformers.TINY_LUMINA2_CONFIG, "num_layers": DEPTH["lumina2"]}
+    model = tiny_transformers.reinit_parameters(Lumina2Transformer2DModel(**config), seed=5).eval()
+    return nextdit_build.build_nextdit_from_diffusers(model.state_dict(), dict(config))
+
+
+@pytest.mark.parametrize("family, steps", SCHEDULES)
+def test_deep_model_is_bit_identical_at_the_last_sampled_sigma(models, deep_lumina2, family, steps):
+    last = float(real_schedule(models[family], steps)[-2])
+    x, context = inputs(seed=2)
+    exact = apply_model(deep_lumina2, x, last, context)
+    assert torch.isfinite(exact).all()
+    default = context_drop.apply_context_drop(deep_lumina2, ContextDropSettings())
+    assert torch.equal(apply_model(default, x, last, context), exact)
+    to_zero = context_drop.apply_context_drop(deep_lumina2, ContextDropSettings(end_sigma=0.0))
+    assert not torch.equal(apply_model(to_zero, x, last, context), exact)
+
+
+def pad_rows_wrapper(executor, x, *args, **kwargs):
+    """Another pack's DIFFUSION_MODEL wrapper, inside ours: it adds one patch row to the latent, so
+    the attention calls no longer have the layout the context drop planned for."""
+    return executor(torch.cat((x, x[:, :, -2:]), dim=2), *args, **kwargs)[:, :, : x.shape[2]]
+
+
+def test_a_fallback_warns_once_over_many_forwards(models, caplog, fresh_log):
+    import comfy.patcher_extension as pe
+
+    def with_inner_wrapper(patcher):
+        patched = patcher.clone()
+        patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test_pad_rows", pad_rows_wrapper)
+        return patched
+
+    model = models["lumina2"]
+    exact = with_inner_wrapper(model)
+    dropped = with_inner_wrapper(context_drop.apply_context_drop(model, ContextDropSettings()))
+    with caplog.at_level(logging.WARNING):
+        for h, w in ((14, 10), (12, 8), (16, 16), (14, 10)):  # forwards of several shapes
+            x, context = inputs(h=h, w=w)
+            assert torch.equal(apply_model(dropped, x, 1.0, context), apply_model(exact, x, 1.0, context))
+    warnings = [r.getMessage() for r in caplog.records if "LTContextDrop" in r.getMessage()]
+    assert len(warnings) == 1 and "does not have the NextDiT layout" in warnings[0]
+
+
 # --- through the real executor ------------------------------------------------------------------
 
 
@@ -239,7 +331,12 @@ def drop_prompt(
         model = loader.out(0)
         if kernel is not None:
             model = g.node(
-                "LTContextDrop", model=model, kernel=kernel, start_sigma=1.0, end_sigma=0.0, layers=layers
+                "LTContextDrop",
+                model=model,
+                kernel=kernel,
+                start_sigma=1.0,
+                end_sigma=context_drop.DEFAULT_END_SIGMA,
+                layers=layers,
             ).out(0)
         # denoise 0.04 with 1 step: one model call at sigma ~0.2 (shift 6) / ~0.11 (shift 3)
         steps = 2 if denoise == 1.0 else 1
@@ -265,8 +362,7 @@ def test_executor_off_and_data_end_identical_drop_changes(comfy_host, family):
     lat = latents_of(comfy_host, comfy_host.run(drop_prompt(family)))
     assert torch.equal(lat["off"], lat["plain"])
     assert torch.isfinite(lat["drop"]).all() and not torch.equal(lat["drop"], lat["plain"])
-    # At sigma <= 0.2 the default linear schedule gives a strength below 0.25, which selects none of
-    # the tiny models' 1-2 layers: the data end is exact.
+    # At sigma <= 0.2, below the default end_sigma (0.3), no layer drops: the data end is exact.
     assert torch.equal(lat["dropend"], lat["plainend"])
 
 
@@ -280,8 +376,10 @@ def test_bad_inputs_are_refused_before_sampling(comfy_host):
         comfy_host.run(prompt)
 
 
-def test_example_workflow_runs(comfy_host):
-    """example_workflows/api/context_drop_high_res.json, shrunk to 256 px and 1 step for the test."""
+def test_example_workflow_runs_and_its_scaled_rope_acts(comfy_host):
+    """example_workflows/api/context_drop_high_res.json at its own size and train_resolution, 1 step:
+    it renders, and without its LTScaledRoPE the sampled latent differs (the RoPE patch really acts)."""
+    import copy
     import json
 
     from comfy_host import REPO
@@ -289,6 +387,23 @@ def test_example_workflow_runs(comfy_host):
     prompt = json.loads((REPO / "example_workflows" / "api" / "context_drop_high_res.json").read_text())
     kinds = {v["class_type"]: k for k, v in prompt.items()}
     assert {"LTContextDrop", "LTScaledRoPE"} <= set(kinds)
-    prompt[kinds["EmptySD3LatentImage"]]["inputs"].update(width=256, height=256)
+    rope = prompt[kinds["LTScaledRoPE"]]["inputs"]
+    size = prompt[kinds["EmptySD3LatentImage"]]["inputs"]
+    assert rope["mode"] != "none" and max(size["width"], size["height"]) > rope["train_resolution"]
     prompt[kinds["KSampler"]]["inputs"]["steps"] = 1
-    assert len(comfy_host.image_paths(comfy_host.run(prompt))) == 1
+    prompt["latent"] = {
+        "class_type": "SaveLatent",
+        "inputs": {"samples": [kinds["KSampler"], 0], "filename_prefix": "withrope_cdexample"},
+    }
+    unpatched = copy.deepcopy(prompt)
+    unpatched[kinds["LTContextDrop"]]["inputs"]["model"] = rope["model"]  # the RoPE patch left out
+    for kind in ("LTScaledRoPE", "VAEDecode", "SaveImage"):
+        del unpatched[kinds[kind]]
+    unpatched["latent"]["inputs"]["filename_prefix"] = "norope_cdexample"
+
+    outputs = comfy_host.run(prompt)
+    assert len(comfy_host.image_paths(outputs)) == 1
+    with_rope = latents_of(comfy_host, outputs)["withrope"]
+    without = latents_of(comfy_host, comfy_host.run(unpatched))["norope"]
+    assert with_rope.shape == without.shape and torch.isfinite(with_rope).all()
+    assert (with_rope - without).abs().max() > 1e-2
