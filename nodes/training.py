@@ -386,7 +386,8 @@ class LTLoraTrainer(io.ComfyNode):
                     min=0.0,
                     max=1.0,
                     step=0.05,
-                    tooltip="Share of batch slots that re-train the hardest recent samples (0 = off).",
+                    tooltip="Replays per batch sample: the hardest recent samples (by unweighted loss) are "
+                    "trained again on top of each batch (0 = off).",
                 ),
                 io.Float.Input(
                     "curvature_weight",
@@ -439,8 +440,9 @@ class LTLoraTrainer(io.ComfyNode):
                     default=d.blocks_to_swap,
                     min=0,
                     max=1000,
-                    tooltip="Keep about this many main blocks' worth of weights in RAM, streamed to the GPU "
-                    "by ComfyUI's low-VRAM machinery (larger models fit, slower).",
+                    tooltip="Keep the last N main blocks in RAM: the model is loaded without them and "
+                    "ComfyUI's low-VRAM casting streams them to the GPU layer by layer (larger models fit, "
+                    "slower). Needs gradient_checkpointing.",
                 ),
                 io.String.Input(
                     "run_name",

@@ -306,15 +306,71 @@ def test_all_loss_options_train(lumina2, concept):
     assert any(float(v.abs().max()) > 0 for k, v in result.lora.items() if "lora_up" in k)
 
 
+def _module_bytes(module):
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_block_swapping_streams_exactly_the_last_blocks(lumina2, blocks):
+    """The swapped blocks are never loaded regularly: ComfyUI gets a budget without them and streams
+    exactly their modules (ComfyUI left to itself picks by size: its partial unload frees the smallest
+    modules of the whole model - norms, embedders, refiners - first)."""
+    import comfy.model_management as mm
+    from comfy.patcher_extension import CallbacksMP
+
+    from lumina_turbo.training import model_patch
+
+    model, _, _ = lumina2
+    dm = model.model.diffusion_model
+    patcher = model_patch.build_training_patcher(model, {}, compute_dtype=None, gradient_checkpointing=True)
+    loads = []
+    patcher.add_callback(
+        CallbacksMP.ON_LOAD, lambda mp, device, budget, force, full: loads.append((budget, full))
+    )
+    chosen = list(range(len(dm.layers) - blocks, len(dm.layers)))
+    expected = sorted(
+        f"diffusion_model.layers.{i}.{name}"
+        for i in chosen
+        for name, m in dm.layers[i].named_modules()
+        if list(m.parameters(recurse=False))
+    )
+    swapped_bytes = sum(_module_bytes(dm.layers[i]) for i in chosen)
+    try:
+        plan = model_patch.load_for_training(patcher, blocks)
+        assert plan.blocks == chosen and plan.modules == expected and plan.streamed_bytes == swapped_bytes
+        assert model_patch.streamed_modules(patcher) == expected
+        # only the other modules were loaded; the budget ComfyUI loaded with leaves the swapped blocks out
+        others = _module_bytes(dm) - swapped_bytes
+        unlisted = _module_bytes(dm) - sum(entry[1] for entry in patcher._load_list())  # pad tokens etc.
+        assert patcher.model.model_loaded_weight_memory == others - unlisted
+        largest = max(
+            _module_bytes(m)
+            for i in chosen
+            for m in dm.layers[i].modules()
+            if list(m.parameters(recurse=False))
+        )
+        buffer = largest * (mm.NUM_STREAMS + 1)  # ComfyUI's streaming buffer
+        ((budget, full_load),) = loads
+        assert not full_load and budget == plan.budget
+        assert budget <= patcher.model_size() - swapped_bytes + buffer + 1 < patcher.model_size()
+        for name in expected:  # streamed: cast per use from the offload device
+            module = patcher.get_model_object(name)
+            assert module.comfy_cast_weights and module.weight.device == patcher.offload_device
+    finally:
+        model_patch.release(patcher)
+    assert not any(hasattr(m, "prev_comfy_cast_weights") for m in dm.modules()), (
+        "release restores the modules"
+    )
+
+
 def test_block_swapping_trains_identically(lumina2, concept):
     model, _, _ = lumina2
-    plain = engine.LoraTrainer(
-        small_config(max_train_steps=2, gradient_checkpointing=True), model, concept
-    ).run()
-    swapped = engine.LoraTrainer(
-        small_config(max_train_steps=2, gradient_checkpointing=True, blocks_to_swap=1), model, concept
-    ).run()
-    assert all(torch.equal(plain.lora[k], swapped.lora[k]) for k in plain.lora)
+    config = small_config(max_train_steps=2, gradient_checkpointing=True, batch_size=2)
+    plain = engine.LoraTrainer(config, model, concept).run()
+    for blocks in (1, 2):
+        swapped = engine.LoraTrainer(config.replace(blocks_to_swap=blocks), model, concept).run()
+        assert swapped.loss_history == plain.loss_history
+        assert all(torch.equal(plain.lora[k], swapped.lora[k]) for k in plain.lora)
 
 
 def test_model_identity_sees_loras_not_in_place_patching(lumina2, concept):

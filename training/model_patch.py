@@ -11,11 +11,20 @@
   torch.inference_mode), which autograd cannot save for backward.
 
 Object patches live only while the clone is loaded; ``release`` unloads it, restoring the modules.
+
+Block swapping (``blocks_to_swap`` = N > 0): the last N main ``layers`` blocks stay on the offload
+device and are streamed in module by module by ComfyUI's own low-VRAM casting (``comfy_cast_weights``),
+in the forward pass and again in the checkpointed recomputation of backward. The clone is loaded
+with a memory budget of the model minus those blocks (plus ComfyUI's streaming buffer), never in
+full, and its ``_load_list`` ranks the swapped blocks' modules below all others: ComfyUI fills a
+budget from the top of that order and frees from the bottom, so exactly those modules are streamed.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
@@ -23,6 +32,8 @@ import torch.utils.checkpoint
 from .lora import LoraAdapter, LoraForward
 
 _VELOCITY_CLASSES: dict[type, type] = {}
+_SWAP_CLASSES: dict[type, type] = {}
+log = logging.getLogger("lumina_turbo.training")
 
 
 def velocity_model_sampling(model_sampling):
@@ -131,22 +142,116 @@ def model_fingerprint(patcher) -> str:
     return state_dict_fingerprint(base, patches)
 
 
-def load_for_training(patcher, blocks_to_swap: int = 0) -> None:
-    """Load through ComfyUI's model management; ``blocks_to_swap`` main blocks' worth of weights are then
-    moved back to the offload device and streamed per layer by ComfyUI's low-VRAM casting."""
+class _RankedEntry(tuple):
+    """One ``ModelPatcher._load_list`` entry (module_offload_mem, module_mem, name, module, params) that
+    sorts by ``rank``: ComfyUI's ``load`` sorts these descending and keeps modules while its budget
+    lasts; ``partially_unload`` sorts ascending and frees from the start."""
+
+    rank: tuple
+
+    def __lt__(self, other):
+        return self.rank < other.rank
+
+
+def _ranked(entry, swapped_prefixes: tuple[str, ...]) -> _RankedEntry:
+    ranked = _RankedEntry(entry)
+    name, module = entry[2], entry[3]
+    swapped = name.startswith(swapped_prefixes) and hasattr(module, "comfy_cast_weights")
+    ranked.rank = (not swapped, entry[0], entry[1], name)
+    return ranked
+
+
+def _block_swap_class(base: type) -> type:
+    if base not in _SWAP_CLASSES:
+
+        def _load_list(self, *args, **kwargs):
+            entries = base._load_list(self, *args, **kwargs)
+            return [_ranked(entry, self.swapped_prefixes) for entry in entries]
+
+        _SWAP_CLASSES[base] = type(
+            f"BlockSwap{base.__name__}", (base,), {"_load_list": _load_list, "swapped_prefixes": ()}
+        )
+    return _SWAP_CLASSES[base]
+
+
+@dataclass
+class SwapPlan:
+    """What block swapping streams: the ``layers`` indices, their modules, and the load budget (bytes)."""
+
+    blocks: list[int]
+    modules: list[str]  # ModelPatcher module names (diffusion_model.layers.N....)
+    streamed_bytes: int
+    resident_bytes: int
+    budget: int
+
+
+def swapped_block_indices(diffusion_model, blocks_to_swap: int) -> list[int]:
+    """The last ``blocks_to_swap`` main blocks (as AC-RF's ForwardBlockSwapper), all of them at most."""
+    count = len(diffusion_model.layers)
+    return list(range(max(0, count - blocks_to_swap), count))
+
+
+def plan_block_swap(patcher, blocks_to_swap: int) -> SwapPlan:
+    """Make ``patcher`` stream its last ``blocks_to_swap`` main blocks; returns what loading will do."""
     import comfy.model_management as mm
 
-    # Training needs the activations' memory too: like TrainLoraNode, free everything else first.
-    mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+    blocks = swapped_block_indices(patcher.model.diffusion_model, blocks_to_swap)
+    patcher.__class__ = _block_swap_class(type(patcher))
+    patcher.swapped_prefixes = tuple(f"diffusion_model.layers.{index}." for index in blocks)
+    entries = patcher._load_list()
+    swapped = [entry for entry in entries if not entry.rank[0]]
+    streamed = sum(entry[1] for entry in swapped)
+    resident = sum(entry[1] for entry in entries if entry.rank[0])
+    # ComfyUI keeps a module while loaded + its size + a streaming buffer of (NUM_STREAMS + 1) x the
+    # module's size stays under the budget; this budget keeps every other module and no swapped one.
+    buffer = max(entry[0] for entry in swapped) * (getattr(mm, "NUM_STREAMS", 0) + 1)
+    budget = min(resident + buffer + 1, patcher.model_size())
+    return SwapPlan(blocks, sorted(entry[2] for entry in swapped), streamed, resident, budget)
+
+
+def streamed_modules(patcher) -> list[str]:
+    """Modules ComfyUI left on the offload device to cast per use (not loaded regularly)."""
+    return sorted(
+        entry[2]
+        for entry in patcher._load_list()
+        if hasattr(entry[3], "comfy_cast_weights") and not getattr(entry[3], "comfy_patched_weights", False)
+    )
+
+
+def load_for_training(patcher, blocks_to_swap: int = 0) -> SwapPlan | None:
+    """Load through ComfyUI's model management, in full, or without the swapped blocks (see the module doc)."""
+    import comfy.model_management as mm
+
+    if blocks_to_swap <= 0:
+        # Training needs the activations' memory too: like TrainLoraNode, free everything else first.
+        mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+        patcher.model.diffusion_model.requires_grad_(False)
+        return None
+    plan = plan_block_swap(patcher, blocks_to_swap)
+    # What load_models_gpu does before loading (other models, clones of these weights included, are
+    # unloaded), then ComfyUI's own partial load with our budget instead of one from the free memory.
+    mm.free_memory(1e30, patcher.load_device)
+    loaded = mm.LoadedModel(patcher)
+    loaded.model_load(plan.budget)
+    mm.current_loaded_models.insert(0, loaded)
     patcher.model.diffusion_model.requires_grad_(False)
-    if blocks_to_swap > 0:
-        layers = patcher.model.diffusion_model.layers
-        per_block = sum(p.numel() * p.element_size() for p in layers[0].parameters())
-        freed = patcher.partially_unload(
-            patcher.offload_device, memory_to_free=per_block * min(blocks_to_swap, len(layers))
+    streamed = streamed_modules(patcher)
+    if streamed != plan.modules:
+        log.warning(
+            "lumina_turbo: blocks_to_swap: ComfyUI streams %d modules (%s...) instead of the %d of layers %s",
+            len(streamed),
+            ", ".join(streamed[:3]),
+            len(plan.modules),
+            plan.blocks,
         )
-        return freed
-    return 0
+    log.info(
+        "lumina_turbo: blocks_to_swap = %d: layers %s streamed (%.1f MB), %.1f MB resident",
+        blocks_to_swap,
+        plan.blocks,
+        plan.streamed_bytes / 2**20,
+        plan.resident_bytes / 2**20,
+    )
+    return plan
 
 
 def release(patcher) -> None:
