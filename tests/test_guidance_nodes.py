@@ -9,6 +9,7 @@ import json
 import pytest
 import safetensors.torch
 import torch
+from guidance_counting import RowCounter
 from harness import REPO, PromptFailed, graph
 
 FROM_FOLDER = "(from the diffusers folder)"
@@ -205,10 +206,27 @@ def test_example_workflows_validate(comfy_host, name):
 
 
 def test_turbo_example_runs_one_pass_per_step(comfy_host):
+    """The example as shipped (8 euler steps, cfg 1, no negative): one 1-row transformer pass per step."""
+    from comfy.ldm.lumina.model import NextDiT
+
     prompt = json.loads((REPO / "example_workflows" / "api" / "zimage_turbo_cfg1.json").read_text())
     assert "negative" not in prompt["3"]["inputs"]
-    (path,) = comfy_host.image_paths(comfy_host.run(prompt))
+    assert prompt["5"]["inputs"]["steps"] == 8
+    prompt["6"]["inputs"]["noise_seed"] = 12345  # not what another test ran: the sampler must run here
+    counter = RowCounter()
+
+    def count_transformer(module, args, kwargs, output):
+        if isinstance(module, NextDiT):
+            counter.forward_hook(module, args, kwargs, output)
+
+    # the model is built inside the prompt, so no wrapper can be put on it beforehand
+    hook = torch.nn.modules.module.register_module_forward_hook(count_transformer, with_kwargs=True)
+    try:
+        (path,) = comfy_host.image_paths(comfy_host.run(prompt))
+    finally:
+        hook.remove()
     assert path.is_file()
+    assert [(branches, rows) for _, branches, rows in counter.forwards] == [((0,), 1)] * 8
 
 
 @pytest.mark.server
