@@ -1,25 +1,33 @@
-"""LTCFGGuider against ComfyUI's RenormCFG and CFGGuider: wall time and transformer rows, side by side.
+"""LTCFGGuider against ComfyUI's RenormCFG and CFGGuider: wall time, CPU time and transformer rows, side by side.
 
 A Lumina-2-shaped NextDiT (ComfyUI's own classes, random weights) at a 64x64 latent = 1024 image tokens,
 so the transformer dominates; 30 euler steps on the model's own schedule (shift 6), cfg 4, batch 1.
-Four runs in two pairs; each repeat times both runs of a pair back to back (which one first alternates), and
-the reported wall-time ratio is the median of those paired ratios (robust to load from other processes):
+Five runs in three pairs (ours, theirs):
 
-* ``renormcfg``: ComfyUI's RenormCFG node (its defaults: cfg_trunc 100, renorm_cfg 1.0) + CFGGuider;
-* ``lt_trunc``: LTCFGGuider, renorm cap 1.0, step_fraction 0.25 (7 guided steps of 30);
-* ``cfgguider``: ComfyUI's CFGGuider;
-* ``lt_off``: LTCFGGuider, renorm cap 1.0, truncation off (our overhead over CFGGuider);
-* ``control``: a second ComfyUI CFGGuider, timed against the first: how far a ratio of equal work strays.
+* ``lt_trunc`` / ``renormcfg``: LTCFGGuider, renorm cap 1.0, step_fraction 0.25 (7 guided steps of 30) against
+  ComfyUI's RenormCFG node (its defaults: cfg_trunc 100, renorm_cfg 1.0) + CFGGuider;
+* ``lt_off`` / ``cfgguider``: LTCFGGuider, renorm cap 1.0, truncation off, against ComfyUI's CFGGuider
+  (our overhead);
+* ``control`` / ``cfgguider``: a second ComfyUI CFGGuider against the first -- an A/A pair of equal work.
 
-Rows are counted by a DIFFUSION_MODEL wrapper (x.shape[0] per forward). Process CPU time is reported beside
-wall time: with one thread it is the work done, and it barely moves when other processes load the machine.
-Time convention: ComfyUI sigma.
+Each repeat times both runs of every pair back to back (which goes first alternates, and so does the order
+of the pairs), so load from other processes hits both sides of a ratio alike. A ratio is the median of its
+paired ratios, with a distribution-free ~95 % interval for that median (order statistics of the binomial);
+wall time and process CPU time (one thread: the work done) side by side. **The run counts only if the A/A
+control's median wall ratio lies within 1 +- CONTROL_TOLERANCE**: a machine where equal work reads 1.16
+cannot resolve a 3 % target. The 1-minute load average at the start and end is recorded.
+
+Rows are counted by a DIFFUSION_MODEL wrapper (x.shape[0] per forward). With the transformer skipped the same
+runs measure the guidance hooks' own CPU cost directly. Time convention: ComfyUI sigma.
 Threads: 1 by default (LT_BENCH_THREADS overrides): on a shared 2-core machine a second OpenMP thread made
-every forward several times slower and the timings erratic.
+every forward several times slower and the timings erratic. LT_BENCH_REPEATS (default 10: about 4 minutes
+alone on 2 cores) sets the repeats.
 """
 
 from __future__ import annotations
 
+import gc
+import math
 import os
 import statistics
 import time
@@ -28,7 +36,8 @@ import torch
 
 STEPS = 30
 CFG = 4.0
-REPEATS = int(os.environ.get("LT_BENCH_REPEATS", "5"))
+REPEATS = int(os.environ.get("LT_BENCH_REPEATS", "10"))
+CONTROL_TOLERANCE = 0.02  # the A/A median must be this close to 1: the overhead target is 1.03
 # (ours, theirs); the last pair times ComfyUI's CFGGuider against itself: the noise floor of the ratios
 PAIRS = [("lt_trunc", "renormcfg"), ("lt_off", "cfgguider"), ("control", "cfgguider")]
 THREADS = int(os.environ.get("LT_BENCH_THREADS", "1"))
@@ -119,16 +128,42 @@ def _guiders(patcher, positive, negative, wrapper_factory=_Rows):
 def _sample(guider, sigmas, noise):
     import comfy.samplers
 
-    start, cpu_start = time.perf_counter(), time.process_time()
-    guider.sample(
-        noise.clone(),
-        torch.zeros_like(noise),
-        comfy.samplers.sampler_object("euler"),
-        sigmas,
-        seed=0,
-        disable_pbar=True,
-    )
-    return time.perf_counter() - start, time.process_time() - cpu_start
+    gc.collect()
+    gc.disable()  # as timeit does: a collection inside one run but not its partner is pure noise
+    try:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        guider.sample(
+            noise.clone(),
+            torch.zeros_like(noise),
+            comfy.samplers.sampler_object("euler"),
+            sigmas,
+            seed=0,
+            disable_pbar=True,
+        )
+        return time.perf_counter() - start, time.process_time() - cpu_start
+    finally:
+        gc.enable()
+
+
+def median_interval(values, confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free interval for the median: the k-th smallest and k-th largest value, with the largest
+    k whose binomial coverage ``1 - 2 P(Bin(n, 1/2) < k)`` is still >= ``confidence`` (n = 10: 2nd and 9th,
+    97.9 %); the extremes when n is too small for that."""
+    ordered = sorted(values)
+    n = len(ordered)
+    k = 1
+    while k < n // 2 and 1 - 2 * sum(math.comb(n, j) for j in range(k + 1)) / 2**n >= confidence:
+        k += 1
+    return ordered[k - 1], ordered[n - k]
+
+
+def _ratio_summary(values) -> dict:
+    low, high = median_interval(values)
+    return {
+        "median": round(statistics.median(values), 3),
+        "interval_95": [round(low, 3), round(high, 3)],
+        "min_max": [round(min(values), 3), round(max(values), 3)],
+    }
 
 
 def run() -> dict:
@@ -145,9 +180,10 @@ def run() -> dict:
     noise = torch.randn(LATENT, generator=generator)
     sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", STEPS)
     guiders = _guiders(patcher, positive, negative)
-    names = list(guiders)
 
-    _sample(guiders["lt_off"][0], sigmas[-3:], noise)  # warm-up: first-call allocations
+    for guider, _ in guiders.values():  # warm-up: first-call allocations of every path
+        _sample(guider, sigmas[-3:], noise)
+    load_start = os.getloadavg()[0]
     times = {name: [] for name in guiders}
     cpu_times = {name: [] for name in guiders}
     ratios = {pair: [] for pair in PAIRS}
@@ -155,7 +191,7 @@ def run() -> dict:
     rows = {}
     for repeat in range(REPEATS):
         # each pair back to back, which one goes first alternating, so load from other processes hits both
-        for ours, theirs in PAIRS[repeat % 2 :] + PAIRS[: repeat % 2]:
+        for ours, theirs in PAIRS[repeat % 3 :] + PAIRS[: repeat % 3]:
             wall, cpu = {}, {}
             for name in (ours, theirs) if repeat % 2 == 0 else (theirs, ours):
                 guider, counter = guiders[name]
@@ -166,8 +202,9 @@ def run() -> dict:
                 rows[name] = counter.rows - before
             ratios[(ours, theirs)].append(wall[ours] / wall[theirs])
             cpu_ratios[(ours, theirs)].append(cpu[ours] / cpu[theirs])
+    load_end = os.getloadavg()[0]
 
-    # the same four runs with the transformer skipped: our overhead over CFGGuider in seconds per run
+    # the same runs with the transformer skipped: our overhead over CFGGuider in CPU seconds per run
     bare = _guiders(patcher, positive, negative, wrapper_factory=lambda: _no_transformer)
     overhead = {
         name: min(_sample(guider, sigmas, noise)[1] for _ in range(5)) for name, (guider, _) in bare.items()
@@ -175,9 +212,27 @@ def run() -> dict:
 
     median = {name: statistics.median(values) for name, values in times.items()}
     cpu_median = {name: statistics.median(values) for name, values in cpu_times.items()}
-    paired = {pair: statistics.median(values) for pair, values in ratios.items()}
-    cpu_paired = {pair: statistics.median(values) for pair, values in cpu_ratios.items()}
+    wall_summary = {pair: _ratio_summary(values) for pair, values in ratios.items()}
+    cpu_summary = {pair: _ratio_summary(values) for pair, values in cpu_ratios.items()}
     trunc, off, control = PAIRS
+    control_wall, control_cpu = wall_summary[control]["median"], cpu_summary[control]["median"]
+    counts = abs(control_wall - 1) <= CONTROL_TOLERANCE
+    targets = {trunc: 0.67, off: 1.03}
+
+    def verdict(pair) -> str:
+        if not counts:
+            return "not measured (A/A control off)"
+        if wall_summary[pair]["interval_95"][1] <= targets[pair]:
+            return "met"
+        return (
+            "met (median; interval reaches above)"
+            if wall_summary[pair]["median"] <= targets[pair]
+            else "missed"
+        )
+
+    def label(pair) -> str:
+        return f"{pair[0]}/{pair[1]}"
+
     result = {
         "model": {
             **{k: v for k, v in CONFIG.items() if not isinstance(v, tuple)},
@@ -189,44 +244,59 @@ def run() -> dict:
         "sampler": "euler",
         "repeats": REPEATS,
         "threads": THREADS,
+        "load_average_1min": {"start": round(load_start, 2), "end": round(load_end, 2)},
+        "counts": counts,
+        "control_tolerance": CONTROL_TOLERANCE,
+        "control_ratio_cfgguider_vs_itself": control_wall,
+        "control_cpu_ratio_cfgguider_vs_itself": control_cpu,
+        "ratio_trunc_vs_renormcfg": wall_summary[trunc]["median"],
+        "cpu_ratio_trunc_vs_renormcfg": cpu_summary[trunc]["median"],
+        "nfe_ratio_trunc_vs_renormcfg": round(rows["lt_trunc"] / rows["renormcfg"], 3),
+        "ratio_off_vs_cfgguider": wall_summary[off]["median"],
+        "cpu_ratio_off_vs_cfgguider": cpu_summary[off]["median"],
+        "nfe_ratio_off_vs_cfgguider": round(rows["lt_off"] / rows["cfgguider"], 3),
+        "verdicts": {label(pair): verdict(pair) for pair in targets},
+        "targets": {"ratio_trunc_vs_renormcfg": "<= 0.67", "ratio_off_vs_cfgguider": "<= 1.03"},
+        "wall_ratios": {label(pair): summary for pair, summary in wall_summary.items()},
+        "cpu_ratios": {label(pair): summary for pair, summary in cpu_summary.items()},
+        "paired_ratios": {label(pair): [round(r, 3) for r in ratios[pair]] for pair in PAIRS},
+        "paired_cpu_ratios": {label(pair): [round(r, 3) for r in cpu_ratios[pair]] for pair in PAIRS},
         "seconds": {name: [round(t, 3) for t in values] for name, values in times.items()},
+        "cpu_seconds": {name: [round(t, 3) for t in values] for name, values in cpu_times.items()},
         "median_seconds": {name: round(t, 3) for name, t in median.items()},
         "rows": rows,
-        "cpu_seconds": {name: [round(t, 3) for t in values] for name, values in cpu_times.items()},
-        "paired_ratios": {f"{a}/{b}": [round(r, 3) for r in ratios[(a, b)]] for a, b in PAIRS},
-        "paired_cpu_ratios": {f"{a}/{b}": [round(r, 3) for r in cpu_ratios[(a, b)]] for a, b in PAIRS},
-        "cpu_ratio_trunc_vs_renormcfg": round(cpu_paired[trunc], 3),
-        "cpu_ratio_off_vs_cfgguider": round(cpu_paired[off], 3),
-        "control_ratio_cfgguider_vs_itself": round(paired[control], 3),
-        "control_cpu_ratio_cfgguider_vs_itself": round(cpu_paired[control], 3),
-        "ratio_trunc_vs_renormcfg": round(paired[trunc], 3),
-        "nfe_ratio_trunc_vs_renormcfg": round(rows["lt_trunc"] / rows["renormcfg"], 3),
-        "ratio_off_vs_cfgguider": round(paired[off], 3),
-        "nfe_ratio_off_vs_cfgguider": round(rows["lt_off"] / rows["cfgguider"], 3),
-        "ratio_of_medians": {f"{a}/{b}": round(median[a] / median[b], 3) for a, b in PAIRS},
         "cpu_seconds_without_transformer": {name: round(t, 4) for name, t in overhead.items()},
         "overhead_off_vs_cfgguider_fraction": round(
             (overhead["lt_off"] - overhead["cfgguider"]) / cpu_median["cfgguider"], 4
         ),
-        "targets": {"ratio_trunc_vs_renormcfg": "<= 0.67", "ratio_off_vs_cfgguider": "<= 1.03"},
     }
+
+    def cell(summary) -> str:
+        low, high = summary["interval_95"]
+        return f"{summary['median']:.3f} [{low:.3f}, {high:.3f}]"
+
+    names = {trunc: "LTCFGGuider step_fraction 0.25 / RenormCFG", off: "LTCFGGuider off / CFGGuider"}
     lines = [
-        f"LTCFGGuider vs ComfyUI, 30 euler steps, cfg 4, 1024 image tokens, {THREADS} thread(s), "
-        f"{REPEATS} interleaved repeats; wall-time ratio = median of the back-to-back pair ratios",
+        f"LTCFGGuider vs ComfyUI, 30 euler steps, cfg 4, 1024 image tokens, {THREADS} thread(s), {REPEATS} "
+        "interleaved repeats; each ratio = median of the back-to-back pair ratios [~95 % interval of the median]; "
+        f"1-min load average {load_start:.2f} at the start, {load_end:.2f} at the end",
         "",
         "| run | median wall s | median CPU s | transformer rows |",
         "|---|---|---|---|",
-        *[f"| {name} | {median[name]:.2f} | {cpu_median[name]:.2f} | {rows[name]} |" for name in names],
+        *[f"| {name} | {median[name]:.2f} | {cpu_median[name]:.2f} | {rows[name]} |" for name in guiders],
         "",
-        "| ratio | wall time | CPU time | rows (NFE) | target |",
-        "|---|---|---|---|---|",
-        f"| LTCFGGuider step_fraction 0.25 / RenormCFG | {result['ratio_trunc_vs_renormcfg']} | "
-        f"{result['cpu_ratio_trunc_vs_renormcfg']} | {result['nfe_ratio_trunc_vs_renormcfg']} | <= 0.67 |",
-        f"| LTCFGGuider off / CFGGuider | {result['ratio_off_vs_cfgguider']} | "
-        f"{result['cpu_ratio_off_vs_cfgguider']} | {result['nfe_ratio_off_vs_cfgguider']} | <= 1.03 |",
-        f"| control: CFGGuider / CFGGuider (noise floor) | {result['control_ratio_cfgguider_vs_itself']} | "
-        f"{result['control_cpu_ratio_cfgguider_vs_itself']} | 1.0 | 1 |",
+        "| ratio | wall time | CPU time | rows (NFE) | target | verdict |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {names[pair]} | {cell(wall_summary[pair])} | {cell(cpu_summary[pair])} | "
+            f"{rows[pair[0]] / rows[pair[1]]:.3f} | <= {targets[pair]} | {verdict(pair)} |"
+            for pair in targets
+        ],
+        f"| control: CFGGuider / CFGGuider (A/A) | {cell(wall_summary[control])} | {cell(cpu_summary[control])} "
+        f"| 1.000 | 1 +- {CONTROL_TOLERANCE} | {'counts' if counts else 'DOES NOT COUNT'} |",
         "",
+        f"The run {'counts' if counts else 'does NOT count'}: the A/A control's median wall ratio is "
+        f"{control_wall:.3f} (must be within 1 +- {CONTROL_TOLERANCE}).",
         f"Transformer skipped, CPU s per 30-step run: LTCFGGuider off {overhead['lt_off']:.4f}, CFGGuider "
         f"{overhead['cfgguider']:.4f}: our guidance overhead is "
         f"{100 * result['overhead_off_vs_cfgguider_fraction']:.2f} % of a CFGGuider run.",
