@@ -588,7 +588,8 @@ class LTSaveLora(io.ComfyNode):
             description=(
                 "Writes a LoRA to ComfyUI's models/loras/ (so LoraLoader lists it) with its training metadata, "
                 "atomically. 'comfyui' keys (diffusion_model.layers.N.attention.qkv.lora_up.weight, alpha) load "
-                "in the stock LoraLoader with no warning; 'kohya' (lora_unet_...) is the same LoRA under kohya names."
+                "in the stock LoraLoader with no warning; 'kohya' (lora_unet_...) is the same LoRA under kohya names; "
+                "'diffusers' is the PEFT layout diffusers' load_lora_weights reads (split to_q/to_k/to_v)."
             ),
             is_output_node=True,
             inputs=[
@@ -608,7 +609,8 @@ class LTSaveLora(io.ComfyNode):
                     "format",
                     options=list(SAVE_FORMATS),
                     default="comfyui",
-                    tooltip="Key layout: comfyui (native) or kohya (lora_unet_...).",
+                    tooltip="Key layout: comfyui (native), kohya (lora_unet_...) or diffusers (PEFT "
+                    "transformer.<diffusers name>.lora_A/lora_B, q/k/v split, alpha folded in).",
                 ),
             ],
             outputs=[],

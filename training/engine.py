@@ -52,10 +52,12 @@ from ..losses import (
     training_anchor_sigmas,
     velocity_target,
 )
+from ..models.nextdit_keys import detect_comfy_family
 from . import checkpoint as ckpt
 from . import lora, model_patch, optim
 from .config import TrainConfig, run_identity
 from .dataset import CachedDataset
+from .save import FAMILY_KEY
 
 log = logging.getLogger("lumina_turbo.training")
 
@@ -468,6 +470,7 @@ class LoraTrainer:
             "ss_learning_rate": str(config.learning_rate),
             "ss_seed": str(config.seed),
             "lumina_turbo.trainer": "LTLoraTrainer (AC-RF)",
+            FAMILY_KEY: detect_comfy_family(dict(self.model.model.diffusion_model.named_parameters())),
             "lumina_turbo.steps": str(self.step),
             "lumina_turbo.targets": json.dumps(sorted(self.adapters)),
             "lumina_turbo.anchors": json.dumps([round(float(a), 6) for a in self.anchors]),
