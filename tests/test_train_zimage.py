@@ -1,5 +1,11 @@
 """Done-when: AC-RF training of the tiny Z-Image model on a synthetic concept lowers the velocity loss at
-every anchor and moves 8-step anchor-schedule samples towards the concept."""
+every anchor and moves 8-step anchor-schedule samples towards the concept; the saved LoRA loads in
+ComfyUI's stock LoraLoader with no "lora key not loaded" warning and reproduces the trained model."""
+
+import logging
+import shutil
+import uuid
+from pathlib import Path
 
 import torch
 from training_support import build, one_thread, small_config, tiny_family  # noqa: F401 (autouse)
@@ -9,8 +15,8 @@ from lumina_turbo.training import engine, evaluate
 from lumina_turbo.training.example_dataset import write_concept_dataset
 
 
-def test_anchor_training_learns_the_concept(tiny_models, tmp_path):
-    model, _, _ = tiny_family("zimage")
+def test_anchor_training_learns_the_concept(tiny_models, tmp_path, caplog):
+    model, clip, _ = tiny_family("zimage")
     import comfy.sd
 
     write_concept_dataset(tmp_path / "data", count=4)
@@ -36,7 +42,7 @@ def test_anchor_training_learns_the_concept(tiny_models, tmp_path):
     sample_before = evaluate.euler_sample(model, noise, schedule, cond)
     distance_before = (sample_before - concept).square().mean()
     result = engine.LoraTrainer(config, model, data).run()
-    trained, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
+    trained, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)  # = the trainer's MODEL
     loss_after = evaluate.anchor_velocity_losses(trained, data, schedule[:-1], draws=1)
     distance_after = (evaluate.euler_sample(trained, noise, schedule, cond) - concept).square().mean()
 
@@ -45,3 +51,27 @@ def test_anchor_training_learns_the_concept(tiny_models, tmp_path):
     assert distance_after < 0.92 * distance_before, (distance_before, distance_after)
     # the base model is untouched (the LoRA lives in the returned clone only)
     assert torch.equal(evaluate.euler_sample(model, noise, schedule, cond), sample_before)
+
+    # the file LTSaveLora writes, through ComfyUI's stock LoraLoader
+    import folder_paths
+    import nodes
+
+    from lumina_turbo.training.save import save_lora_file
+
+    subfolder = f"lt_test_{uuid.uuid4().hex[:8]}"
+    loras_dir = Path(folder_paths.get_folder_paths("loras")[0])
+    try:
+        path = save_lora_file(result.lora, loras_dir, f"{subfolder}/zimage", dtype="fp32")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            stock, _ = nodes.LoraLoader().load_lora(model, clip, f"{subfolder}/{path.name}", 1.0, 1.0)
+        assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+        assert len(stock.patches) == len(trained.patches) == len(result.lora) // 3
+        torch.testing.assert_close(
+            evaluate.euler_sample(stock, noise, schedule, cond),
+            evaluate.euler_sample(trained, noise, schedule, cond),
+            rtol=0,
+            atol=0,
+        )
+    finally:
+        shutil.rmtree(loras_dir / subfolder, ignore_errors=True)
