@@ -16,7 +16,11 @@ What differs by design (and is why the numbers differ): TrainLoraNode adapts EVE
 Linear layers incl. embedders and adaLN, norms as full diffs, every bias) with weight-space LoRA
 (W + up@down per forward, full-size weight gradients) and, for batch > 1, evaluates every caption on
 every latent (B^2 forward work, predictions averaged). Ours: LoRA on attention + FFN of the main
-layers, computed on the activations, one forward pass per batch, each latent with its own caption.
+layers, computed on the activations, one forward pass per caption length in the batch, each latent
+with its own caption. The "8 caption lengths" row (batch 4 only) gives every image a caption of its
+own token length, so a batch of 4 takes 4 forward passes: ComfyUI 0.3.75's NextDiT cannot batch
+captions of different lengths exactly (its caption mask reaches only the context refiner, and the
+image tokens' RoPE positions start after the padded caption), so padding is not an option.
 The tiny model has 1 main layer and 2 refiner blocks, so by default our backward pass skips 2 of its
 3 blocks; the "+ refiners + adaLN" rows backpropagate through every block like TrainLoraNode does
 (on the real Z-Image, 30 main layers and 4 refiners, the default-target gap is far smaller).
@@ -41,7 +45,9 @@ TRAINERS = {
     "ours": "LTLoraTrainer engine (default targets)",
     "ours_all": "LTLoraTrainer engine, + refiners + adaLN",
     "comfyui": "ComfyUI TrainLoraNode",
+    "ours_varied": "LTLoraTrainer engine, 8 caption lengths",
 }
+BATCH4_ONLY = {"ours_varied"}
 IMAGES = 8
 SIZE = 128
 
@@ -70,10 +76,21 @@ def _child(which: str, batch: int, workdir: str) -> dict:
     from training_support import tiny_family
 
     from lumina_turbo.training.dataset import build_from_folder
-    from lumina_turbo.training.example_dataset import write_concept_dataset
+    from lumina_turbo.training.example_dataset import (
+        CONCEPT_CAPTION,
+        concept_image,
+        write_concept_dataset,
+        write_image,
+    )
 
     model, clip, vae = tiny_family("zimage")
-    folder = write_concept_dataset(Path(workdir) / "data", count=IMAGES, size=(SIZE, SIZE))
+    if which == "ours_varied":  # image i: the caption plus i words, so every caption length differs
+        folder = Path(workdir) / "data-varied"
+        for i in range(IMAGES):
+            caption = " ".join([CONCEPT_CAPTION, *["detail"] * i])
+            write_image(folder, f"concept_{i:02d}", concept_image(i, (SIZE, SIZE)), caption)
+    else:
+        folder = write_concept_dataset(Path(workdir) / "data", count=IMAGES, size=(SIZE, SIZE))
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=workdir))  # a fresh cache: the first build encodes all
     start = time.perf_counter()
     with torch.inference_mode():
@@ -91,7 +108,7 @@ def _child(which: str, batch: int, workdir: str) -> dict:
 
     register_optimizer_step_post_hook(lambda *a: stamps.append(time.perf_counter()))
     steps = STEPS[batch]
-    if which in ("ours", "ours_all"):
+    if which in ("ours", "ours_all", "ours_varied"):
         from lumina_turbo.training.config import TrainConfig
         from lumina_turbo.training.engine import LoraTrainer
 
@@ -234,7 +251,8 @@ def run() -> dict:
         for _ in range(REPEATS):
             for batch in (1, 4):
                 for which in TRAINERS:
-                    results[which][batch].append(_spawn(which, batch, workdir))
+                    if batch == 4 or which not in BATCH4_ONLY:
+                        results[which][batch].append(_spawn(which, batch, workdir))
 
         replay = {}
         for ratio in REPLAY_RATIOS:
@@ -259,6 +277,8 @@ def run() -> dict:
     ]
     for batch in (1, 4):
         for which in TRAINERS:
+            if batch == 1 and which in BATCH4_ONLY:
+                continue
             sps = median(which, batch, "steps_per_s")
             summary[f"{which}_b{batch}_steps_per_s"] = round(sps, 4)
             summary[f"{which}_b{batch}_peak_rss_mib"] = round(median(which, batch, "peak_rss_mib"), 1)
@@ -283,6 +303,9 @@ def run() -> dict:
     summary["comfyui_batch4_sample_scaling"] = round(
         4 * summary["comfyui_b4_steps_per_s"] / summary["comfyui_b1_steps_per_s"], 3
     )
+    summary["varied_captions_b4_speed_ratio"] = round(
+        summary["ours_varied_b4_steps_per_s"] / summary["ours_b4_steps_per_s"], 3
+    )
     builds = results["ours"][1]
     summary["cache_first_build_s"] = round(statistics.median(r["first_build_s"] for r in builds), 3)
     summary["cache_second_build_s"] = round(statistics.median(r["second_build_s"] for r in builds), 3)
@@ -294,7 +317,9 @@ def run() -> dict:
         f"x{summary['throughput_ratio_b4']}; with the refiners and adaLN also trained (backward through every "
         f"block, like TrainLoraNode): x{summary['throughput_ratio_all_blocks_b1']} and "
         f"x{summary['throughput_ratio_all_blocks_b4']}. Samples/s at batch 4 vs batch 1 (linear = 4 x steps/s ratio = 1.0): "
-        f"ours {summary['ours_batch4_sample_scaling']}, TrainLoraNode {summary['comfyui_batch4_sample_scaling']}.",
+        f"ours {summary['ours_batch4_sample_scaling']}, TrainLoraNode {summary['comfyui_batch4_sample_scaling']}. "
+        f"Batch 4 with 4 different caption lengths (4 forward passes) vs one caption: "
+        f"x{summary['varied_captions_b4_speed_ratio']} steps/s.",
         f"Dataset cache: first build {summary['cache_first_build_s']} s ({builds[0]['first_build']}), second build "
         f"{summary['cache_second_build_s']} s ({builds[0]['second_build']}).",
         "",
