@@ -22,7 +22,12 @@ starts below 1 pays for it.
 
 Scores (geometric mean over the mixtures): RMS terminal error against the exact endpoints, and sliced
 Wasserstein-2 distance to fresh data samples (its floor is the reference solution's own distance).
-About a minute on 2 CPU cores, most of it the reference solves.
+
+Sigmoid sweep: the same measurement for ``sigmoid_sigmas`` over a small slope x center grid (slope 0 is the
+uniform schedule, for every center), solvers euler / heun / dpmpp_2m / flow_midpoint, every NFE budget;
+each setting's terminal error is reported relative to uniform with the same solver and budget. The defaults
+of LTSigmoidScheduler / ``lt_sigmoid`` and what the docs say about them come from this table.
+About two minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ MIXTURES = {  # name -> make_mixture keyword arguments
 BUILTIN_SOLVERS = ("euler", "heun", "dpmpp_2m")
 OUR_SOLVERS = ("flow_midpoint", "flow_midpoint (euler end)")
 OUR_SCHEDULERS = ("lt_sigmoid", "lt_anchor")
+SWEEP_SLOPES = (1.0, 2.0, 3.0, 4.0)  # and 0 = uniform
+SWEEP_CENTERS = (0.4, 0.5, 0.6)
+SWEEP_SOLVERS = ("euler", "heun", "dpmpp_2m", "flow_midpoint")
 
 
 def _setup():
@@ -128,18 +136,40 @@ def _problems():
     return problems
 
 
-def _measure(problems, model_sampling, solvers, schedulers) -> list[dict]:
+def _stock_schedules(model_sampling, names) -> dict:
+    """name -> steps -> sigmas, through ComfyUI's own ``calculate_sigmas`` (ours via their stock handlers)."""
     import comfy.samplers
 
+    def make(name):
+        return lambda steps: comfy.samplers.calculate_sigmas(model_sampling, name, steps).to(torch.float64)
+
+    return {name: make(name) for name in names}
+
+
+def sweep_settings() -> list[tuple[float, float]]:
+    """(slope, center) of the sigmoid sweep: uniform once, then the grid."""
+    return [(0.0, 0.5)] + [(slope, center) for slope in SWEEP_SLOPES for center in SWEEP_CENTERS]
+
+
+def _sweep_name(slope: float, center: float) -> str:
+    return f"sigmoid slope {slope:g} center {center:g}"
+
+
+def _sweep_schedules() -> dict:
+    from lumina_turbo.samplers.schedules import sigmoid_sigmas
+
+    def make(slope, center):  # shift 1, as lt_sigmoid gets from the bench's model_sampling
+        return lambda steps: sigmoid_sigmas(steps, slope=slope, center=center, shift=1.0).to(torch.float64)
+
+    return {_sweep_name(slope, center): make(slope, center) for slope, center in sweep_settings()}
+
+
+def _measure(problems, model_sampling, solvers, schedules) -> list[dict]:
     from lumina_turbo.benchmarks.exact_flow import evaluate_sampler
 
     rows = []
     for budget in NFE_BUDGETS:
-        for scheduler in schedulers:
-
-            def make_sigmas(steps, scheduler=scheduler):
-                return comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).to(torch.float64)
-
+        for scheduler, make_sigmas in schedules.items():
             for solver_name, sampler in solvers.items():
                 steps, sigmas = _largest_schedule(sampler, make_sigmas, budget)
                 if steps is None:
@@ -168,6 +198,52 @@ def _measure(problems, model_sampling, solvers, schedulers) -> list[dict]:
                     }
                 )
     return rows
+
+
+def _sweep_summary(sweep_rows) -> list[dict]:
+    """Per (slope, center) and solver: terminal error / uniform's at each NFE, their geometric mean and the
+    worst; plus the geometric mean over every solver and budget ("all")."""
+    error = {(r["scheduler"], r["solver"], r["nfe_budget"]): r["terminal_error"] for r in sweep_rows}
+    uniform = _sweep_name(0.0, 0.5)
+    summary = []
+    for slope, center in sweep_settings():
+        name = _sweep_name(slope, center)
+        entry = {"slope": slope, "center": center, "solvers": {}}
+        every = []
+        for solver in SWEEP_SOLVERS:
+            ratios = {n: error[(name, solver, n)] / error[(uniform, solver, n)] for n in NFE_BUDGETS}
+            every += ratios.values()
+            entry["solvers"][solver] = {
+                "ratio_to_uniform": ratios,
+                "geomean": _geomean(ratios.values()),
+                "worst": max(ratios.values()),
+            }
+        entry["geomean_all"] = _geomean(every)
+        entry["worse_than_uniform"] = sum(r > 1 for r in every)
+        summary.append(entry)
+    return summary
+
+
+def _sweep_table(sweep) -> str:
+    lines = [
+        "Sigmoid sweep: terminal error relative to uniform (slope 0), same solver and NFE; each cell = "
+        f"geometric mean over NFE {', '.join(map(str, NFE_BUDGETS))} / worst single budget; lower is better.",
+        "",
+        "| slope | center | " + " | ".join(SWEEP_SOLVERS) + " | all | budgets worse than uniform |",
+        "|---:|---:|" + "---:|" * (len(SWEEP_SOLVERS) + 2),
+    ]
+    for entry in sweep[1:]:
+        cells = [
+            f"{entry['solvers'][s]['geomean']:.3f} / {entry['solvers'][s]['worst']:.3f}"
+            for s in SWEEP_SOLVERS
+        ]
+        lines.append(
+            f"| {entry['slope']:g} | {entry['center']:g} | "
+            + " | ".join(cells)
+            + f" | {entry['geomean_all']:.3f} "
+            f"| {entry['worse_than_uniform']} of {len(SWEEP_SOLVERS) * len(NFE_BUDGETS)} |"
+        )
+    return "\n".join(lines)
 
 
 def _is_ours(row) -> bool:
@@ -261,10 +337,22 @@ def run() -> dict:
     torch.set_num_threads(1)  # tiny tensors: extra threads only contend (5x slower on a busy 2-core box)
     try:
         problems = _problems()
-        rows = _measure(problems, _flow_model_sampling(1.0), _solvers(), schedulers)
+        model_sampling = _flow_model_sampling(1.0)
+        solvers = _solvers()
+        rows = _measure(problems, model_sampling, solvers, _stock_schedules(model_sampling, schedulers))
+        sweep_solvers = {name: solvers[name] for name in SWEEP_SOLVERS}
+        sweep_rows = _measure(problems, model_sampling, sweep_solvers, _sweep_schedules())
     finally:
         torch.set_num_threads(threads)
     summary = _summary(rows)
+    sweep = _sweep_summary(sweep_rows)
+    # the sweep's default setting is lt_sigmoid itself: the two measurements must agree
+    default = {
+        (r["solver"], r["nfe_budget"]): r["terminal_error"] for r in rows if r["scheduler"] == "lt_sigmoid"
+    }
+    for r in sweep_rows:
+        if r["scheduler"] == _sweep_name(2.0, 0.5):
+            assert math.isclose(r["terminal_error"], default[(r["solver"], r["nfe_budget"])], rel_tol=1e-9)
     return {
         "description": "exact-flow benchmark: terminal error and sliced W2 at equal NFE (model calls)",
         "model_sampling": "ModelSamplingDiscreteFlow, shift 1, multiplier 1",
@@ -277,5 +365,12 @@ def run() -> dict:
         "builtin_schedulers": builtin,
         "summary": summary,
         "rows": rows,
-        "table": _tables(rows, summary, problems),
+        "sigmoid_sweep": {
+            "slopes": [0.0, *SWEEP_SLOPES],
+            "centers": list(SWEEP_CENTERS),
+            "solvers": list(SWEEP_SOLVERS),
+            "summary": sweep,
+            "rows": sweep_rows,
+        },
+        "table": _tables(rows, summary, problems) + "\n\n" + _sweep_table(sweep),
     }
