@@ -20,7 +20,7 @@ cannot resolve a 3 % target. The 1-minute load average at the start and end is r
 Rows are counted by a DIFFUSION_MODEL wrapper (x.shape[0] per forward). With the transformer skipped the same
 runs measure the guidance hooks' own CPU cost directly. Time convention: ComfyUI sigma.
 Threads: 1 by default (LT_BENCH_THREADS overrides): on a shared 2-core machine a second OpenMP thread made
-every forward several times slower and the timings erratic. LT_BENCH_REPEATS (default 10: about 4 minutes
+every forward several times slower and the timings erratic. LT_BENCH_REPEATS (default 10: about 8 minutes
 alone on 2 cores) sets the repeats.
 """
 
@@ -219,16 +219,18 @@ def run() -> dict:
     counts = abs(control_wall - 1) <= CONTROL_TOLERANCE
     targets = {trunc: 0.67, off: 1.03}
 
+    # What equal work reads on this machine: a ratio is decided only by a margin larger than that.
+    bias = abs(control_wall - 1)
+
     def verdict(pair) -> str:
+        low, high = wall_summary[pair]["interval_95"]
+        if high + bias <= targets[pair]:
+            return "met" if counts else f"met (beyond the A/A bias {bias:.3f})"
+        if low - bias > targets[pair]:
+            return "missed"
         if not counts:
-            return "not measured (A/A control off)"
-        if wall_summary[pair]["interval_95"][1] <= targets[pair]:
-            return "met"
-        return (
-            "met (median; interval reaches above)"
-            if wall_summary[pair]["median"] <= targets[pair]
-            else "missed"
-        )
+            return "unresolved (A/A control off)"
+        return "met (median; interval reaches above)" if wall_summary[pair]["median"] <= targets[pair] else "missed"
 
     def label(pair) -> str:
         return f"{pair[0]}/{pair[1]}"
@@ -296,7 +298,8 @@ def run() -> dict:
         f"| 1.000 | 1 +- {CONTROL_TOLERANCE} | {'counts' if counts else 'DOES NOT COUNT'} |",
         "",
         f"The run {'counts' if counts else 'does NOT count'}: the A/A control's median wall ratio is "
-        f"{control_wall:.3f} (must be within 1 +- {CONTROL_TOLERANCE}).",
+        f"{control_wall:.3f} (must be within 1 +- {CONTROL_TOLERANCE}); a target is decided without it only "
+        "when the whole interval clears it by more than the control's bias.",
         f"Transformer skipped, CPU s per 30-step run: LTCFGGuider off {overhead['lt_off']:.4f}, CFGGuider "
         f"{overhead['cfgguider']:.4f}: our guidance overhead is "
         f"{100 * result['overhead_off_vs_cfgguider_fraction']:.2f} % of a CFGGuider run.",
