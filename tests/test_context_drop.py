@@ -376,6 +376,7 @@ def test_bad_inputs_are_refused_before_sampling(comfy_host):
         comfy_host.run(prompt)
 
 
+@pytest.mark.slow
 def test_example_workflow_runs_and_its_scaled_rope_acts(comfy_host):
     """example_workflows/api/context_drop_high_res.json at its own size and train_resolution, 1 step:
     it renders, and without its LTScaledRoPE the sampled latent differs (the RoPE patch really acts)."""

@@ -7,6 +7,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import pytest
 import torch
 from training_support import build, one_thread, small_config, tiny_family  # noqa: F401 (autouse)
 
@@ -15,6 +16,7 @@ from lumina_turbo.training import engine, evaluate
 from lumina_turbo.training.example_dataset import write_concept_dataset
 
 
+@pytest.mark.slow
 def test_anchor_training_learns_the_concept(tiny_models, tmp_path, caplog):
     model, clip, _ = tiny_family("zimage")
     import comfy.sd
