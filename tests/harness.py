@@ -42,7 +42,11 @@ def run_coroutine(coro):
     thread, as ComfyUI's prompt worker thread runs the executor."""
     try:
         asyncio.get_running_loop()
+        loop_running = True
     except RuntimeError:
+        loop_running = False
+    # Outside the except block: errors raised by the coroutine do not chain to this RuntimeError.
+    if not loop_running:
         return asyncio.run(coro)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, coro).result()

@@ -37,9 +37,19 @@ def lora_dir(tmp_path_factory, models):  # noqa: F811
         random_deltas(models["zimage"], seed=6, block_modules=()), "zimage", "musubi_raw"
     )
     files["zimage"] = zimage_sized
+    # good keys plus modules this loader knows nothing of: applied in part, the rest reported
+    partial = dict(good)
+    for stem in ("transformer.layers.0.attn.to_gate", "transformer.layers.1.unknown_proj"):
+        partial[f"{stem}.lora_A.weight"] = torch.zeros(4, 32)
+        partial[f"{stem}.lora_B.weight"] = torch.zeros(32, 4)
+    files["partial"] = partial
+    rank = dict(good)
+    up = next(k for k in sorted(rank) if k.endswith(".lora_B.weight"))
+    rank[up] = rank[up][:, :-1].contiguous()  # its lora_A keeps the full rank
+    files["rank"] = rank
     for name, sd in files.items():
         safetensors.torch.save_file(sd, str(folder / f"{PREFIX}{name}.safetensors"))
-    return folder, first
+    return folder, first, up
 
 
 def lora_prompt(lora, branches=("plain", "stock", "ours")):
@@ -117,6 +127,27 @@ def test_bad_files_are_refused_by_name(comfy_host, lora_dir, name, message):
         comfy_host.run(prompt)
 
 
+def test_rank_mismatch_is_refused_naming_the_key(comfy_host, lora_dir):
+    prompt, _ = lora_prompt(f"{PREFIX}rank.safetensors", branches=("ours",))
+    stem = lora_dir[2][: -len(".lora_B.weight")]
+    with pytest.raises(PromptFailed, match=r"tiny-random-test-lora-rank\.safetensors: expected LoRA up/down "
+                       rf"weights of the same rank .*{stem.replace('.', chr(92) + '.')}"):
+        comfy_host.run(prompt)
+
+
+def test_unmapped_keys_are_reported_not_ignored(comfy_host, lora_dir, caplog):
+    """The keys it can map are applied; the others are counted and named in the report and the log."""
+    prompt, ours = lora_prompt(f"{PREFIX}partial.safetensors", branches=("plain", "ours"))
+    with caplog.at_level(logging.WARNING):
+        outputs = comfy_host.run(prompt)
+    report = outputs[ours.id]["text"][0]
+    assert "unmapped keys (NOT applied): 4; first: transformer.layers.0.attn.to_gate.lora_A.weight" in report
+    assert "transformer.layers.1.unknown_proj.lora_B.weight" in report
+    assert any("4 key(s) not applied" in r.getMessage() and "to_gate" in r.getMessage() for r in caplog.records)
+    lat = latents_of(comfy_host, outputs)
+    assert (lat["ours"] - lat["plain"]).abs().max() > 1e-3  # the mappable keys were applied
+
+
 def test_unknown_file_is_refused_at_validation(comfy_host, lora_dir):
     prompt, _ = lora_prompt("no-such-lora.safetensors", branches=("ours",))
     with pytest.raises(PromptFailed, match="lora_name: 'no-such-lora.safetensors' is not a file"):
@@ -124,7 +155,7 @@ def test_unknown_file_is_refused_at_validation(comfy_host, lora_dir):
 
 
 def test_convert_node_writes_a_native_file_once(comfy_host, lora_dir, caplog):
-    folder, _ = lora_dir
+    folder = lora_dir[0]
     g = graph()
     g.node(
         "LTLoraConvert",
