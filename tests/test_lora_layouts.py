@@ -62,6 +62,7 @@ LAYOUTS = {
     "ai_toolkit": ("diffusion_model.", "diffusers", False, (".lora_B.weight", ".lora_A.weight"), False),
     "musubi_raw": ("lora_unet_", "diffusers", True, (".lora_up.weight", ".lora_down.weight"), True),
     "lycoris": ("lycoris_", "diffusers", True, (".lora_up.weight", ".lora_down.weight"), True),
+    "onetrainer": ("lora_transformer_", "diffusers", True, (".lora_up.weight", ".lora_down.weight"), True),
 }
 
 
