@@ -12,7 +12,7 @@ from comfy_api.latest import io, ui
 
 from ..losses import LOSS_MODES, TIMESTEP_METHODS
 from ..training import config as cfg
-from ..training import data_files
+from ..training import data_files, optim
 from ..training.dataset import build_from_folder
 from ..training.engine import LoraTrainer
 from ..training.save import SAVE_FORMATS, save_lora_file
@@ -501,7 +501,7 @@ class LTLoraTrainer(io.ComfyNode):
             "lr_scheduler": lr_scheduler,
             "mixed_precision": mixed_precision,
         }
-        error = _choice_error(values, COMBOS)
+        error = _choice_error(values, COMBOS) or optim.missing_package(optimizer)
         if error:
             return error
         if not _RUN_NAME.match(run_name or ""):

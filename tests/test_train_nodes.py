@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import REPO, PromptFailed, graph
+import torch
+from harness import REPO, graph
 from PIL import Image
 from training_support import one_thread  # noqa: F401 (autouse: one torch thread)
 
@@ -237,8 +238,13 @@ def test_adamw8bit_failure_is_a_clear_error(comfy_host, tmp_path):
     folder = write_concept_dataset(tmp_path / "concept", count=1)
     prompt, _, trainer_id = training_prompt(folder, f"lt-test-{uuid.uuid4().hex[:8]}", "unused")
     prompt[trainer_id]["inputs"]["optimizer"] = "AdamW8bit"
-    with pytest.raises(PromptFailed, match="bitsandbytes"):
-        comfy_host.run(prompt)
+    # refused when queued, before the data set is encoded
+    assert "AdamW8bit needs the bitsandbytes package" in _validation_error(comfy_host, prompt)
+    # and where a script skips validation, the run stops with the same message
+    from lumina_turbo.training import optim
+
+    with pytest.raises(optim.OptimizerUnavailable, match="AdamW8bit needs a working bitsandbytes"):
+        optim.make_optimizer("AdamW8bit", [torch.zeros(1, requires_grad=True)], lr=1e-4, weight_decay=0.0)
 
 
 def test_example_workflow_validates(comfy_host):

@@ -19,6 +19,26 @@ class OptimizerUnavailable(RuntimeError):
     pass
 
 
+# Optimizers that need a package of their own: (module, how to get it).
+_PACKAGES = {
+    "AdamW8bit": ("bitsandbytes", "pip install bitsandbytes, on a CUDA device"),
+    "Prodigy": ("prodigyopt", "pip install prodigyopt"),
+}
+
+
+def missing_package(name: str) -> str | None:
+    """Why optimizer ``name`` cannot be used here (its package is not installed), or None; checked
+    before a run starts, so a missing package is reported before the data set is encoded."""
+    import importlib.util
+
+    if name not in _PACKAGES:
+        return None
+    module, how = _PACKAGES[name]
+    if importlib.util.find_spec(module) is None:
+        return f"optimizer: {name} needs the {module} package ({how}); it is not installed. Use AdamW."
+    return None
+
+
 def make_optimizer(name: str, params, *, lr: float, weight_decay: float):
     params = list(params)
     if name == "AdamW":
