@@ -104,16 +104,16 @@ def _complete_strata(batch_size: int, counts: torch.Tensor, generator: torch.Gen
     """``batch_size`` anchor indices, each added to an anchor of least count (water filling), shuffled."""
     device = generator.device
     counts = counts.clone()
-    chosen = []
-    while sum(part.numel() for part in chosen) < batch_size:
+    chosen, need = [], batch_size
+    while need > 0:
         candidates = (counts == counts.min()).nonzero().flatten()
-        need = batch_size - sum(part.numel() for part in chosen)
         if candidates.numel() > need:
             candidates = candidates[
                 torch.randperm(candidates.numel(), generator=generator, device=device)[:need]
             ]
         counts[candidates] += 1
         chosen.append(candidates)
+        need -= candidates.numel()
     indices = torch.cat(chosen)
     return indices[torch.randperm(batch_size, generator=generator, device=device)]
 

@@ -63,7 +63,7 @@ def text_encoder_config(
     sd: dict[str, torch.Tensor], kind: str, source: str, hf_config: dict | None = None
 ) -> dict:
     """ComfyUI config overrides read from the tensor shapes (and config.json where shapes can't tell)."""
-    text_encoder_width(sd, source)
+    text_encoder_width(sd, source)  # refuses a file without the size tensors below, naming them
     _, head_dim = TEXT_ENCODERS[kind]
     embed = sd["model.embed_tokens.weight"]
     q = sd["model.layers.0.self_attn.q_proj.weight"]

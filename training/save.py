@@ -110,9 +110,8 @@ def _diffusers(lora, family: str) -> dict[str, torch.Tensor]:
             slices = qkv_slices((up.shape[0], down.shape[1]))
             for name, part in zip(target, ("q", "k", "v"), strict=True):
                 offset, rows = slices[part]
-                out[f"{_DIFFUSERS_PREFIX}{name}.lora_A.weight"] = (
-                    down.clone()
-                )  # a file holds no shared tensors
+                # safetensors refuses tensors that share memory: each projection gets its own copy
+                out[f"{_DIFFUSERS_PREFIX}{name}.lora_A.weight"] = down.clone()
                 out[f"{_DIFFUSERS_PREFIX}{name}.lora_B.weight"] = up[offset : offset + rows].clone()
         else:
             out[f"{_DIFFUSERS_PREFIX}{target}.lora_A.weight"] = down
