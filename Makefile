@@ -10,7 +10,7 @@ setup:
 	@bash scripts/setup.sh
 
 tiny-models: setup
-	@$(PY) scripts/install_tiny_models.py
+	@$(PY) -m lumina_turbo.devtools.tiny_models
 
 lint: setup
 	$(PY) -m ruff check .
@@ -24,7 +24,7 @@ run: tiny-models
 		--listen $(HOST) --port $(PORT) --disable-api-nodes
 
 demo: tiny-models
-	$(PY) scripts/run_demo.py
+	$(PY) -m lumina_turbo.devtools.run_demo
 
 bench: tiny-models
 	$(PY) -m benchmarks $(BENCH)

@@ -11,14 +11,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "scripts"))
-sys.path.insert(0, str(HERE.parent / "tests"))
 
 
 def main(names: list[str]) -> int:
-    from pack_import import register_pack
-
-    register_pack()
     available = sorted(p.stem[len("bench_"):] for p in HERE.glob("bench_*.py"))
     unknown = sorted(set(names) - set(available))
     if unknown:

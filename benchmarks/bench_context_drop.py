@@ -67,7 +67,8 @@ RUNS = [("default", "exact"), ("default", "k2"), ("default", "k3"), ("sdpa", "ex
 def _build():
     from diffusers import Lumina2Transformer2DModel
 
-    from lumina_turbo.models import nextdit_build, tiny_transformers
+    from lumina_turbo.devtools import tiny_transformers
+    from lumina_turbo.loading import nextdit_build
 
     model = tiny_transformers.reinit_parameters(Lumina2Transformer2DModel(**CONFIG), seed=0).eval()
     state_dict = model.state_dict()
@@ -171,7 +172,7 @@ def released_forward(rest, exact_layer, layer):
 def released_sampling_ratio(rest, exact_layer, layer, sigmas):
     """Sampling time of the released model with LTContextDrop defaults / exact, at the sampled ``sigmas``:
     at each one ``n`` main layers drop (cost ``layer``), the others and the refiners run exact."""
-    from lumina_turbo.models import context_drop
+    from lumina_turbo.patches import context_drop
 
     settings = context_drop.ContextDropSettings()
     layers = list(range(RELEASED["main_layers"]))
@@ -233,13 +234,13 @@ def _psnr_rows(models, generator):
 
 
 def run() -> dict:
-    from comfy_host import bootstrap
+    from lumina_turbo.devtools.comfy_host import bootstrap
 
     bootstrap()
     import comfy.ldm.modules.attention
     import comfy.samplers
 
-    from lumina_turbo.models.context_drop import ContextDropSettings, apply_context_drop
+    from lumina_turbo.patches.context_drop import ContextDropSettings, apply_context_drop
 
     patcher = _build()
     models = {

@@ -63,7 +63,8 @@ CONFIG = dict(  # diffusers Lumina2Transformer2DModel: Lumina-2 layout (GQA, 3-a
 def _build():
     from diffusers import Lumina2Transformer2DModel
 
-    from lumina_turbo.models import nextdit_build, tiny_transformers
+    from lumina_turbo.devtools import tiny_transformers
+    from lumina_turbo.loading import nextdit_build
 
     model = tiny_transformers.reinit_parameters(Lumina2Transformer2DModel(**CONFIG), seed=0).eval()
     return nextdit_build.build_nextdit_from_diffusers(model.state_dict(), dict(CONFIG))
@@ -167,7 +168,7 @@ def _ratio_summary(values) -> dict:
 
 
 def run() -> dict:
-    from comfy_host import bootstrap
+    from lumina_turbo.devtools.comfy_host import bootstrap
 
     bootstrap()
     import comfy.samplers

@@ -79,7 +79,7 @@ def write_lumina2_file(path: Path) -> Path:
     import torch
     from diffusers import Lumina2Transformer2DModel
 
-    from lumina_turbo.models.nextdit_keys import diffusers_to_comfy
+    from lumina_turbo.loading.nextdit_keys import diffusers_to_comfy
 
     with torch.device("meta"):
         model = Lumina2Transformer2DModel(**LUMINA2_RELEASED_WIDTH)
@@ -89,7 +89,7 @@ def write_lumina2_file(path: Path) -> Path:
 
 
 def tensor_bytes(paths) -> int:
-    from lumina_turbo.models.safetensors_io import read_header
+    from lumina_turbo.loading.safetensors_io import read_header
 
     return sum(info.end - info.start for p in paths for info in read_header(p).values())
 
@@ -104,7 +104,7 @@ def measure(mode: str, path: Path) -> dict:
 
 
 def run() -> dict:
-    from lumina_turbo.models.safetensors_io import folder_files
+    from lumina_turbo.loading.safetensors_io import folder_files
 
     with tempfile.TemporaryDirectory(prefix="lt-bench-loader-") as work:
         work = Path(work)
@@ -192,19 +192,16 @@ def child(mode: str, path: str) -> None:
     import gc
     import time
 
-    sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests")]
-    from comfy_host import bootstrap
-    from pack_import import register_pack
+    from lumina_turbo.devtools.comfy_host import bootstrap
 
     bootstrap()
-    register_pack()
     import comfy.sd
 
-    from lumina_turbo.models import loading
+    from lumina_turbo.loading import model_files
 
     load = {
-        "lt_folder": loading.load_transformer_folder,
-        "lt_file": loading.load_transformer_file,
+        "lt_folder": model_files.load_transformer_folder,
+        "lt_file": model_files.load_transformer_file,
         "comfy_file": comfy.sd.load_diffusion_model,  # what UNETLoader calls (weight_dtype "default")
     }[mode]
     gc.collect()

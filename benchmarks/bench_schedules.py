@@ -53,13 +53,8 @@ SWEEP_SOLVERS = ("euler", "heun", "dpmpp_2m", "flow_midpoint")
 
 
 def _setup():
-    import sys
-    from pathlib import Path
 
-    tests = str(Path(__file__).resolve().parents[1] / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    from comfy_host import bootstrap
+    from lumina_turbo.devtools.comfy_host import bootstrap
 
     bootstrap()
 
@@ -327,8 +322,8 @@ def run() -> dict:
     _setup()
     import comfy.samplers
 
-    from lumina_turbo.nodes.stock_lists import SCHEDULER_NAMES as OURS
-    from lumina_turbo.nodes.stock_lists import register_stock_names
+    from lumina_turbo.patches.stock_lists import SCHEDULER_NAMES as OURS
+    from lumina_turbo.patches.stock_lists import register_stock_names
 
     register_stock_names()
     builtin = [name for name in comfy.samplers.SCHEDULER_NAMES if name not in OURS]

@@ -62,26 +62,20 @@ def _rss_kib(field: str) -> int:
 def _child(which: str, batch: int, workdir: str) -> dict:
     import time
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    sys.path.insert(0, str(REPO / "tests"))
-    from pack_import import register_pack
-
-    register_pack()
-    from comfy_host import bootstrap
+    from lumina_turbo.devtools.comfy_host import bootstrap
 
     bootstrap()
     import torch
 
     torch.set_num_threads(1)
-    from training_support import tiny_family
-
-    from lumina_turbo.training.dataset import build_from_folder
-    from lumina_turbo.training.example_dataset import (
+    from lumina_turbo.devtools.example_dataset import (
         CONCEPT_CAPTION,
         concept_image,
         write_concept_dataset,
         write_image,
     )
+    from lumina_turbo.devtools.training_support import tiny_family
+    from lumina_turbo.training.dataset import build_from_folder
 
     model, clip, vae = tiny_family("zimage")
     if which == "ours_varied":  # image i: the caption plus i words, so every caption length differs
@@ -173,12 +167,8 @@ def _child(which: str, batch: int, workdir: str) -> dict:
 
 def _replay_child(ratio: float, workdir: str) -> dict:
     """Same run with replay_ratio 0 / > 0: anchor velocity loss per item after training (one hard outlier)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    sys.path.insert(0, str(REPO / "tests"))
-    from pack_import import register_pack
 
-    register_pack()
-    from comfy_host import bootstrap
+    from lumina_turbo.devtools.comfy_host import bootstrap
 
     bootstrap()
     import torch
@@ -187,14 +177,14 @@ def _replay_child(ratio: float, workdir: str) -> dict:
     import comfy.sd
     import numpy as np
     from PIL import Image
-    from training_support import tiny_family
 
+    from lumina_turbo.devtools import evaluate
+    from lumina_turbo.devtools.example_dataset import write_concept_dataset, write_image
+    from lumina_turbo.devtools.training_support import tiny_family
     from lumina_turbo.samplers.schedules import anchor_sigmas
-    from lumina_turbo.training import evaluate
     from lumina_turbo.training.config import TrainConfig
     from lumina_turbo.training.dataset import build_from_folder
     from lumina_turbo.training.engine import LoraTrainer
-    from lumina_turbo.training.example_dataset import write_concept_dataset, write_image
 
     model, clip, vae = tiny_family("zimage")
     folder = write_concept_dataset(Path(workdir) / "replay-data", count=5)

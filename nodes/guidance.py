@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..models.guidance_hooks import AFTER_TRUNC, GuidanceSettings, make_guider, patch_model
+from ..patches.guidance_hooks import AFTER_TRUNC, GuidanceSettings, make_guider, patch_model
 from ..samplers import guidance
 
 DEFAULTS = GuidanceSettings()

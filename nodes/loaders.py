@@ -7,9 +7,9 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..models import loading
-from ..models.errors import ModelFileError
-from ..models.safetensors_io import read_header
+from ..loading import model_files
+from ..loading.errors import ModelFileError
+from ..loading.safetensors_io import read_header
 
 FROM_FOLDER = "(from the diffusers folder)"
 
@@ -24,7 +24,7 @@ def diffusers_folders() -> list[str]:
     for root in _diffusers_roots():
         for name in os.listdir(root):
             try:
-                loading.transformer_config(os.path.join(root, name))
+                model_files.transformer_config(os.path.join(root, name))
                 found.add(name)
             except ModelFileError:
                 pass  # another model, or a broken one: validate_inputs explains it if it is chosen
@@ -48,7 +48,7 @@ def loader_choices() -> dict[str, list[str]]:
         "model": diffusers_folders() + folder_paths.get_filename_list("diffusion_models"),
         "text_encoder": [FROM_FOLDER] + folder_paths.get_filename_list("text_encoders"),
         "vae": [FROM_FOLDER] + folder_paths.get_filename_list("vae"),
-        "weight_dtype": list(loading.DTYPES),
+        "weight_dtype": list(model_files.DTYPES),
     }
 
 
@@ -107,7 +107,7 @@ class LTModelLoader(io.ComfyNode):
                     for name, value in (("text_encoder", text_encoder), ("vae", vae))
                     if value == FROM_FOLDER
                 ]
-                loading.check_diffusers_folder(folder, parts)
+                model_files.check_diffusers_folder(folder, parts)
             elif FROM_FOLDER in (text_encoder, vae) and model in folder_paths.get_filename_list(
                 "diffusion_models"
             ):
@@ -131,7 +131,7 @@ class LTModelLoader(io.ComfyNode):
                 else paths["text_encoders"]
             )
             if transformer is not None and encoder is not None:
-                loading.check_pairing(transformer, encoder)
+                model_files.check_pairing(transformer, encoder)
         except ModelFileError as error:
             return str(error)
         values = {"model": model, "text_encoder": text_encoder, "vae": vae, "weight_dtype": weight_dtype}
@@ -142,23 +142,23 @@ class LTModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, text_encoder, vae, weight_dtype) -> io.NodeOutput:
-        dtype = loading.DTYPES[weight_dtype]
+        dtype = model_files.DTYPES[weight_dtype]
         folder = diffusers_folder_path(model)
         if folder is not None:
-            diffusion_model = loading.load_transformer_folder(folder, dtype)
+            diffusion_model = model_files.load_transformer_folder(folder, dtype)
         else:
             path = folder_paths.get_full_path_or_raise("diffusion_models", model)
-            diffusion_model = loading.load_transformer_file(path, dtype)
+            diffusion_model = model_files.load_transformer_file(path, dtype)
         if text_encoder == FROM_FOLDER:
-            clip = loading.clip_from_diffusers_folder(folder)
+            clip = model_files.clip_from_diffusers_folder(folder)
         else:
-            clip = loading.load_text_encoder_file(
+            clip = model_files.load_text_encoder_file(
                 folder_paths.get_full_path_or_raise("text_encoders", text_encoder)
             )
         if vae == FROM_FOLDER:
-            vae_model = loading.vae_from_diffusers_folder(folder)
+            vae_model = model_files.vae_from_diffusers_folder(folder)
         else:
-            vae_model = loading.load_vae_file(folder_paths.get_full_path_or_raise("vae", vae))
+            vae_model = model_files.load_vae_file(folder_paths.get_full_path_or_raise("vae", vae))
         return io.NodeOutput(diffusion_model, clip, vae_model)
 
 

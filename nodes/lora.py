@@ -11,7 +11,7 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..models import lora_apply
+from ..lora import apply as lora_apply
 
 
 def lora_files() -> list[str]:

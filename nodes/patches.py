@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..models import context_drop, rope_scaling, scaled_rope
-from ..models.lora_apply import is_nextdit
+from ..lora.apply import is_nextdit
+from ..patches import context_drop, scaled_rope
+from ..samplers import rope_scaling
 
 CONTEXT_DEFAULTS = context_drop.ContextDropSettings()
 

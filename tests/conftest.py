@@ -1,18 +1,10 @@
-"""Shared fixtures. The repository is importable as ``lumina_turbo``; ComfyUI fixtures live in harness.py."""
+"""Shared fixtures: ComfyUI host, server and browser fixtures from the development folder.
 
-import sys
-from pathlib import Path
+``make setup`` makes this repository importable as ``lumina_turbo`` (through its link in
+``.comfyui/custom_nodes``), exactly as ComfyUI's custom-node loader imports it.
+"""
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pack_import import register_pack  # noqa: E402
-
-register_pack()
-
-from browser_harness import clean_page, comfy_page  # noqa: E402, F401
-from harness import comfy_host, comfy_server, tiny_models  # noqa: E402, F401
+pytest_plugins = ["lumina_turbo.devtools.harness", "lumina_turbo.devtools.browser_harness"]
 
 
 def pytest_collection_modifyitems(config, items):

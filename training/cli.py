@@ -62,9 +62,9 @@ def _path(value: str, base: Path) -> Path:
 def load_models(config: cfg.TrainConfig, base: Path):
     import folder_paths
 
-    from ..models import loading
+    from ..loading import model_files
 
-    dtype = loading.DTYPES[config.weight_dtype]
+    dtype = model_files.DTYPES[config.weight_dtype]
     if not config.transformer:
         raise cfg.ConfigError(
             "[model] transformer (or dit) is required: a diffusers folder or a transformer file"
@@ -84,17 +84,17 @@ def load_models(config: cfg.TrainConfig, base: Path):
 
     transformer = locate(config.transformer, ("diffusers", "diffusion_models"))
     if transformer.is_dir():
-        model = loading.load_transformer_folder(transformer, dtype)
-        clip = loading.clip_from_diffusers_folder(transformer) if not config.text_encoder else None
-        vae = loading.vae_from_diffusers_folder(transformer) if not config.vae else None
+        model = model_files.load_transformer_folder(transformer, dtype)
+        clip = model_files.clip_from_diffusers_folder(transformer) if not config.text_encoder else None
+        vae = model_files.vae_from_diffusers_folder(transformer) if not config.vae else None
     else:
         if not config.text_encoder or not config.vae:
             raise cfg.ConfigError("[model] a single transformer file needs text_encoder and vae files too")
-        model, clip, vae = loading.load_transformer_file(transformer, dtype), None, None
+        model, clip, vae = model_files.load_transformer_file(transformer, dtype), None, None
     if clip is None:
-        clip = loading.load_text_encoder_file(locate(config.text_encoder, ("text_encoders", "clip")))
+        clip = model_files.load_text_encoder_file(locate(config.text_encoder, ("text_encoders", "clip")))
     if vae is None:
-        vae = loading.load_vae_file(locate(config.vae, ("vae",)))
+        vae = model_files.load_vae_file(locate(config.vae, ("vae",)))
     return model, clip, vae
 
 

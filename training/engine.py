@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..loading.nextdit_keys import detect_comfy_family
 from ..losses import (
     NO_ANCHOR,
     HardSampleReplay,
@@ -52,7 +53,6 @@ from ..losses import (
     training_anchor_sigmas,
     velocity_target,
 )
-from ..models.nextdit_keys import detect_comfy_family
 from . import checkpoint as ckpt
 from . import lora, model_patch, optim
 from .config import TrainConfig, run_identity

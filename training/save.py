@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..models import nextdit_keys
-from ..models.lora_keys import qkv_slices
+from ..loading import nextdit_keys
+from ..lora.keys import qkv_slices
 from .cache import atomic_save_safetensors
 
 SAVE_FORMATS = ("comfyui", "kohya", "diffusers")
