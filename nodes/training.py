@@ -10,12 +10,12 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..losses import LOSS_MODES, TIMESTEP_METHODS
 from ..training import config as cfg
-from ..training import data_files, optim
+from ..training import data_files, optim, options
 from ..training.dataset import build_from_folder
 from ..training.engine import LoraTrainer
 from ..training.save import SAVE_FORMATS, save_lora_file
+from .training_inputs import config_values, node_inputs
 
 DATASET = io.Custom("LT_DATASET")
 LORA_MODEL = io.Custom("LORA_MODEL")
@@ -36,9 +36,9 @@ def _scan(folder: str, num_repeats: int = 1):
 
 
 def _choice_error(values: dict, choices: dict) -> str | None:
-    for name, options in choices.items():
-        if name in values and values[name] not in options:
-            return f"{name}: {values[name]!r} is not one of {list(options)}"
+    for name, allowed in choices.items():
+        if name in values and values[name] not in allowed:
+            return f"{name}: {values[name]!r} is not one of {list(allowed)}"
     return None
 
 
@@ -67,56 +67,7 @@ class LTDataset(io.ComfyNode):
                     "clip",
                     tooltip="The text encoder of the model you will train (encodes each caption once).",
                 ),
-                io.Int.Input(
-                    "resolution",
-                    default=1024,
-                    min=64,
-                    max=8192,
-                    step=16,
-                    tooltip="Training resolution: each bucket holds about resolution x resolution pixels.",
-                ),
-                io.Int.Input(
-                    "bucket_step",
-                    default=64,
-                    min=16,
-                    max=1024,
-                    step=16,
-                    tooltip="Bucket sides are multiples of this many pixels.",
-                ),
-                io.Boolean.Input(
-                    "enable_bucket",
-                    default=True,
-                    tooltip="Aspect-ratio buckets; off = every image is centre-cropped to a square.",
-                ),
-                io.Float.Input(
-                    "caption_dropout",
-                    default=0.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="Probability of training a sample with the empty caption (helps CFG-free use).",
-                ),
-                io.Combo.Input(
-                    "system_prompt",
-                    options=list(cfg.SYSTEM_PROMPTS),
-                    default="none",
-                    tooltip="Lumina-2 only: prepend the system prompt CLIPTextEncodeLumina2 uses; pick the "
-                    "one you will sample with. Z-Image: none.",
-                ),
-                io.Int.Input(
-                    "num_repeats",
-                    default=1,
-                    min=1,
-                    max=10000,
-                    tooltip="Repeats of images placed directly in the folder (N_name sub-folders use N).",
-                ),
-                io.Int.Input(
-                    "max_sequence_length",
-                    default=512,
-                    min=1,
-                    max=8192,
-                    tooltip="Text tokens kept per caption (longer captions are cut).",
-                ),
+                *node_inputs(options.DATASET_NODE),
                 io.String.Input(
                     "cache_dir",
                     default="",
@@ -133,7 +84,7 @@ class LTDataset(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, folder, system_prompt):
-        error = _choice_error({"system_prompt": system_prompt}, {"system_prompt": cfg.SYSTEM_PROMPTS})
+        error = _choice_error({"system_prompt": system_prompt}, {"system_prompt": options.SYSTEM_PROMPTS})
         if error:
             return error
         try:
@@ -204,79 +155,25 @@ class LTDataset(io.ComfyNode):
         return io.NodeOutput(dataset, ui=ui.PreviewText(text))
 
 
-# Node widgets -> TrainConfig fields (the advanced box may set every other field).
-WIDGETS = {
-    "steps": "max_train_steps",
-    "learning_rate": "learning_rate",
-    "rank": "network_dim",
-    "alpha": "network_alpha",
-    "batch_size": "batch_size",
-    "gradient_accumulation": "gradient_accumulation_steps",
-    "seed": "seed",
-    "timestep_method": "timestep_method",
-    "turbo_steps": "turbo_steps",
-    "shift": "shift",
-    "jitter_scale": "jitter_scale",
-    "loss_mode": "loss_mode",
-    "snr_gamma": "snr_gamma",
-    "replay_ratio": "replay_ratio",
-    "curvature_weight": "curvature_weight",
-    "train_refiners": "train_refiners",
-    "train_adaln": "train_adaln",
-    "optimizer": "optimizer_type",
-    "lr_scheduler": "lr_scheduler",
-    "warmup_steps": "lr_warmup_steps",
-    "mixed_precision": "mixed_precision",
-    "gradient_checkpointing": "gradient_checkpointing",
-    "blocks_to_swap": "blocks_to_swap",
-    "checkpoint_every": "save_every_n_steps",
-    "resume": "resume",
-}
-COMBOS = {
-    "timestep_method": TIMESTEP_METHODS,
-    "loss_mode": tuple(LOSS_MODES),
-    "optimizer": cfg.OPTIMIZERS,
-    "lr_scheduler": cfg.LR_SCHEDULERS,
-    "mixed_precision": cfg.PRECISIONS,
-}
-DATASET_FIELDS = {
-    "folder",
-    "sources",
-    "enable_bucket",
-    "resolution",
-    "bucket_step",
-    "max_aspect_ratio",
-    "caption_dropout_rate",
-    "max_sequence_length",
-    "num_repeats",
-    "caption_extension",
-    "cache_dir",
-    "system_prompt",
-    "transformer",
-    "text_encoder",
-    "vae",
-    "weight_dtype",
-    "output_dir",
-    "output_name",
-    "save_dtype",
-    "checkpoint_dir",
-    "num_train_epochs",
-}
+COMBOS = {options.widget_name(name): options.choices(name) for name in options.node_options(options.TRAINER)}
+COMBOS = {name: choices for name, choices in COMBOS.items() if choices is not None}
+# The advanced box sets only what no node input and no headless-only key sets.
+RESERVED = (set(options.toml_options()) - set(options.advanced_box_options())) | {"sources"}
 
 
 def trainer_config(widgets: dict, advanced: str) -> cfg.TrainConfig:
     """Widget values + the advanced TOML box -> a validated TrainConfig (errors name the input)."""
-    flat = {WIDGETS[name]: value for name, value in widgets.items()}
+    flat = config_values(options.TRAINER, widgets)
     base = cfg.config_from_flat(flat, origin="LTLoraTrainer")
-    return cfg.parse_advanced(
-        advanced, base, reserved=set(WIDGETS.values()) | DATASET_FIELDS, origin="advanced"
-    )
+    return cfg.parse_advanced(advanced, base, reserved=RESERVED, origin="advanced")
 
 
 class LTLoraTrainer(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        d = cfg.TrainConfig()
+        trainer_widgets = node_inputs(options.TRAINER)
+        # run_name sits before the checkpoint inputs, where saved workflows expect it
+        run_name_at = options.node_options(options.TRAINER).index("save_every_n_steps")
         return io.Schema(
             node_id="LTLoraTrainer",
             display_name="LT AC-RF LoRA Trainer",
@@ -294,173 +191,13 @@ class LTLoraTrainer(io.ComfyNode):
                     tooltip="The Lumina-2 / Z-Image model to train on (its loaded LoRAs stay merged).",
                 ),
                 DATASET.Input("dataset", tooltip="From LTDataset."),
-                io.Int.Input(
-                    "steps", default=d.max_train_steps, min=1, max=1_000_000, tooltip="Optimizer steps."
-                ),
-                io.Float.Input(
-                    "learning_rate",
-                    default=d.learning_rate,
-                    min=1e-7,
-                    max=1.0,
-                    step=1e-6,
-                    tooltip="Peak learning rate.",
-                ),
-                io.Int.Input("rank", default=d.network_dim, min=1, max=1024, tooltip="LoRA rank."),
-                io.Float.Input(
-                    "alpha",
-                    default=d.network_alpha,
-                    min=0.001,
-                    max=4096.0,
-                    step=0.5,
-                    tooltip="LoRA alpha; the update is scaled by alpha / rank.",
-                ),
-                io.Int.Input(
-                    "batch_size",
-                    default=d.batch_size,
-                    min=1,
-                    max=256,
-                    tooltip="Samples per micro-batch, drawn within one bucket.",
-                ),
-                io.Int.Input(
-                    "gradient_accumulation",
-                    default=d.gradient_accumulation_steps,
-                    min=1,
-                    max=1024,
-                    tooltip="Micro-batches per optimizer step.",
-                ),
-                io.Int.Input(
-                    "seed",
-                    default=d.seed,
-                    min=0,
-                    max=2**63 - 1,
-                    tooltip="Seeds LoRA init, data order, sigmas and noise (exact resume relies on it).",
-                ),
-                io.Combo.Input(
-                    "timestep_method",
-                    options=list(TIMESTEP_METHODS),
-                    default=d.timestep_method,
-                    tooltip="anchor: AC-RF anchors of the Turbo schedule (+ jitter); uniform / "
-                    "shifted_sigmoid: for non-Turbo training.",
-                ),
-                io.Int.Input(
-                    "turbo_steps",
-                    default=d.turbo_steps,
-                    min=1,
-                    max=1000,
-                    tooltip="Number of anchors = the step count you will sample with.",
-                ),
-                io.Float.Input(
-                    "shift",
-                    default=d.shift,
-                    min=0.01,
-                    max=100.0,
-                    step=0.01,
-                    tooltip="Static time shift of the anchors (Z-Image-Turbo: 3.0).",
-                ),
-                io.Float.Input(
-                    "jitter_scale",
-                    default=d.jitter_scale,
-                    min=0.0,
-                    max=1.0,
-                    step=0.001,
-                    tooltip="Gaussian jitter added to each anchor sigma.",
-                ),
-                io.Combo.Input(
-                    "loss_mode",
-                    options=list(LOSS_MODES),
-                    default=d.loss_mode,
-                    tooltip="standard (MSE + optional L1/cosine), frequency, style, unified; "
-                    "parameters in 'advanced'.",
-                ),
-                io.Float.Input(
-                    "snr_gamma",
-                    default=d.snr_gamma,
-                    min=0.0,
-                    max=100.0,
-                    step=0.1,
-                    tooltip="Min-SNR gamma, rectified-flow form (0 = off); form and floor in 'advanced'.",
-                ),
-                io.Float.Input(
-                    "replay_ratio",
-                    default=d.replay_ratio,
-                    min=0.0,
-                    max=1.0,
-                    step=0.05,
-                    tooltip="Replays per batch sample: the hardest recent samples (by unweighted loss) are "
-                    "trained again on top of each batch (0 = off).",
-                ),
-                io.Float.Input(
-                    "curvature_weight",
-                    default=d.curvature_weight,
-                    min=0.0,
-                    max=100.0,
-                    step=0.01,
-                    tooltip="Weight of the trajectory-curvature penalty (2 extra forward passes; 0 = off).",
-                ),
-                io.Boolean.Input(
-                    "train_refiners",
-                    default=d.train_refiners,
-                    tooltip="Also put LoRAs on the noise/context refiner blocks.",
-                ),
-                io.Boolean.Input(
-                    "train_adaln", default=d.train_adaln, tooltip="Also train the adaLN modulation layers."
-                ),
-                io.Combo.Input(
-                    "optimizer",
-                    options=list(cfg.OPTIMIZERS),
-                    default=d.optimizer_type,
-                    tooltip="AdamW; AdamW8bit needs bitsandbytes on CUDA; Prodigy needs prodigyopt.",
-                ),
-                io.Combo.Input(
-                    "lr_scheduler",
-                    options=list(cfg.LR_SCHEDULERS),
-                    default=d.lr_scheduler,
-                    tooltip="Learning-rate schedule after the warmup.",
-                ),
-                io.Int.Input(
-                    "warmup_steps",
-                    default=d.lr_warmup_steps,
-                    min=0,
-                    max=1_000_000,
-                    tooltip="Linear learning-rate warmup steps.",
-                ),
-                io.Combo.Input(
-                    "mixed_precision",
-                    options=list(cfg.PRECISIONS),
-                    default=d.mixed_precision,
-                    tooltip="Model compute dtype; the LoRA itself is always float32.",
-                ),
-                io.Boolean.Input(
-                    "gradient_checkpointing",
-                    default=d.gradient_checkpointing,
-                    tooltip="Recompute block activations in backward (less memory, ~30% slower).",
-                ),
-                io.Int.Input(
-                    "blocks_to_swap",
-                    default=d.blocks_to_swap,
-                    min=0,
-                    max=1000,
-                    tooltip="Keep the last N main blocks in RAM: the model is loaded without them and "
-                    "ComfyUI's low-VRAM casting streams them to the GPU layer by layer (larger models fit, "
-                    "slower). Needs gradient_checkpointing.",
-                ),
+                *trainer_widgets[:run_name_at],
                 io.String.Input(
                     "run_name",
                     default="lora_run",
                     tooltip=f"Checkpoint folder name under output/{RUNS_FOLDER}/ (letters, digits, . _ -).",
                 ),
-                io.Int.Input(
-                    "checkpoint_every",
-                    default=d.save_every_n_steps,
-                    min=0,
-                    max=1_000_000,
-                    tooltip="Write a checkpoint every N steps (also on interrupt and at the end).",
-                ),
-                io.Boolean.Input(
-                    "resume",
-                    default=d.resume,
-                    tooltip="Continue from this run's checkpoint when one exists (same settings required).",
-                ),
+                *trainer_widgets[run_name_at:],
                 io.String.Input(
                     "advanced",
                     default="",
@@ -512,11 +249,7 @@ class LTLoraTrainer(io.ComfyNode):
             widgets = cfg.TrainConfig(
                 gradient_checkpointing=gradient_checkpointing, blocks_to_swap=blocks_to_swap
             )
-            cfg.parse_advanced(
-                advanced or "",
-                cfg.validate(widgets, "LTLoraTrainer"),
-                reserved=set(WIDGETS.values()) | DATASET_FIELDS,
-            )
+            cfg.parse_advanced(advanced or "", cfg.validate(widgets, "LTLoraTrainer"), reserved=RESERVED)
         except cfg.ConfigError as exc:
             return str(exc)
         return True
@@ -601,7 +334,7 @@ class LTSaveLora(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "save_dtype",
-                    options=["bf16", "fp16", "fp32"],
+                    options=list(options.SAVE_DTYPES),
                     default="bf16",
                     tooltip="Tensor dtype in the file (fp32 reproduces the trained model exactly).",
                 ),
@@ -620,7 +353,7 @@ class LTSaveLora(io.ComfyNode):
     def validate_inputs(cls, filename_prefix, save_dtype, format):  # noqa: A002 - the input's name
         error = _choice_error(
             {"save_dtype": save_dtype, "format": format},
-            {"save_dtype": ("bf16", "fp16", "fp32"), "format": SAVE_FORMATS},
+            {"save_dtype": options.SAVE_DTYPES, "format": SAVE_FORMATS},
         )
         if error:
             return error

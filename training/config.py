@@ -1,32 +1,35 @@
-"""Training configuration: the seed's TOML sections and key names, validated, as one flat TrainConfig.
+"""Training configuration: the AC-RF trainer's TOML sections and key names, validated, as one TrainConfig.
 
-Sections and keys follow the public AC-RF trainer (seed 003, config/acrf_config.toml), so a user's file
-mostly reads unchanged: ``[model]``, ``[acrf]``, ``[lora]``, ``[training]``, ``[advanced]``,
-``[dataset]`` (+ ``[[dataset.sources]]``) and ``[loss]`` for the loss-mode parameters (also accepted
-in ``[training]``, where AC-RF puts them). Every key is documented in ``FIELDS``; an unknown section
-or key is an error that names it, so a typo never silently trains with a default.
+Sections and keys follow the public AC-RF trainer's config/acrf_config.toml, so a user's file mostly
+reads unchanged: ``[model]``, ``[acrf]``, ``[lora]``, ``[training]``, ``[advanced]``, ``[dataset]``
+(+ ``[[dataset.sources]]``) and ``[loss]`` for the loss-mode parameters (also accepted in
+``[training]``, where AC-RF puts them). The options themselves are defined in training/options.py;
+an unknown section or key is an error that names it, so a typo never silently trains with a default.
 
 Time convention: sigmas are ComfyUI sigmas (1 = noise, 0 = data); Lumina t = 1 - sigma.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..losses import LOSS_MODES, MIN_SNR_FORMS, TIMESTEP_METHODS
-from .config_keys import (
-    ALIAS_SECTIONS,
-    ALIASES,
-    DATASET_SECTION,
-    FIELDS,
-    LOSS_PARAM_NAMES,
-    RUN_IDENTITY_EXCLUDED,
-    SECTIONS,
-    SOURCE_KEYS,
+from pydantic import ValidationError
+
+from ..losses import LOSS_MODES
+from . import options
+from .options import (  # noqa: F401 - re-exported: the names callers know the config by
+    ANCHOR_CONVENTIONS,
+    LR_SCHEDULERS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SAVE_DTYPES,
+    STYLE_BASES,
+    SYSTEM_PROMPTS,
+    WEIGHT_DTYPES,
+    ConfigError,
+    TrainConfig,
 )
 
 try:  # Python 3.11+; 3.10 needs the tomli backport
@@ -37,110 +40,53 @@ except ImportError:  # pragma: no cover - depends on the Python version
     except ImportError:
         tomllib = None
 
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
-PRECISIONS = ("bf16", "fp32")
-ANCHOR_CONVENTIONS = ("zimage", "diffusers")
-STYLE_BASES = ("latent_rgb", "channels")
-SYSTEM_PROMPTS = ("none", "superior", "alignment")
 CHECKPOINT_FORMAT = "lumina_turbo.train_checkpoint"
+DATASET_SECTION = options.DATASET
+SECTIONS = options.SECTIONS
+LOSS_PARAM_NAMES = sorted({name for params in LOSS_MODES.values() for name in params})
+# AC-RF's switches, translated into loss_mode / timestep_method.
+SWITCHES = {
+    "enable_turbo": (options.ACRF,),
+    "enable_freq": (options.TRAINING, options.LOSS),
+    "enable_style": (options.TRAINING, options.LOSS),
+}
+# AC-RF's spellings of our names.
+ALIASES = {
+    "dit": "transformer",
+    "lambda_cosine": "lambda_cos",
+    "lambda_curvature": "curvature_weight",
+    "bucket_reso_steps": "bucket_step",
+    "drop_text_ratio": "caption_dropout_rate",
+    "save_every_n_step": "save_every_n_steps",
+}
+ALIAS_SECTIONS = {
+    "dit": (options.MODEL,),
+    "lambda_curvature": (options.ACRF, options.TRAINING),
+    "drop_text_ratio": (options.TRAINING, options.DATASET),
+}
+SOURCE_KEYS = {"folder", "num_repeats"}
 
 log = logging.getLogger("lumina_turbo.training")
 
 
-class ConfigError(ValueError):
-    """A configuration value or key the trainer cannot use; the message names it."""
+def _key_sections() -> dict[str, tuple[str, ...]]:
+    sections = {name: options.extra(name)["sections"] for name in options.toml_options()}
+    sections.update(SWITCHES)
+    sections.update({name: (options.TRAINING, options.LOSS) for name in LOSS_PARAM_NAMES})
+    return sections
 
 
-@dataclass
-class TrainConfig:
-    # [model] (headless only: the node gets MODEL/CLIP/VAE from the graph)
-    transformer: str = ""
-    text_encoder: str = ""
-    vae: str = ""
-    weight_dtype: str = "default"
-    output_dir: str = ""
-    output_name: str = "lumina_turbo_lora"
-    save_dtype: str = "bf16"
-    # [acrf] timesteps, replay, curvature
-    turbo_steps: int = 10
-    shift: float = 3.0
-    jitter_scale: float = 0.02
-    anchor_convention: str = "zimage"
-    timestep_method: str = "anchor"
-    sigmoid_mean: float = 0.0
-    sigmoid_scale: float = 1.0
-    raft_mode: bool = False
-    free_stream_ratio: float = 0.3
-    latent_jitter_scale: float = 0.0
-    use_dynamic_shift: bool = False
-    curvature_weight: float = 0.0
-    curvature_interval: int = 1
-    curvature_step: float = 0.0
-    curvature_start_step: int = 0
-    replay_ratio: float = 0.0
-    replay_capacity: int = 64
-    replay_min_entries: int = 8
-    # [lora]
-    network_dim: int = 16
-    network_alpha: float = 16.0
-    train_attention: bool = True
-    train_ffn: bool = True
-    train_refiners: bool = False
-    train_adaln: bool = False
-    # [training]
-    optimizer_type: str = "AdamW"
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    lr_num_cycles: int = 1
-    loss_mode: str = "standard"
-    loss_params: dict = field(default_factory=dict)
-    style_basis: str = "latent_rgb"
-    snr_gamma: float = 5.0
-    snr_form: str = "rectified_flow_velocity"
-    snr_floor: float = 0.1
-    num_train_epochs: int = 0
-    max_train_steps: int = 500
-    gradient_accumulation_steps: int = 1
-    seed: int = 42
-    save_every_n_steps: int = 100
-    resume: bool = True
-    checkpoint_dir: str = ""
-    # [advanced]
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = True
-    mixed_precision: str = "bf16"
-    blocks_to_swap: int = 0
-    # [dataset]
-    folder: str = ""
-    sources: list = field(default_factory=list)
-    batch_size: int = 1
-    shuffle: bool = True
-    enable_bucket: bool = True
-    resolution: int = 1024
-    bucket_step: int = 64
-    max_aspect_ratio: float = 4.0
-    caption_dropout_rate: float = 0.0
-    max_sequence_length: int = 512
-    num_repeats: int = 1
-    caption_extension: str = ".txt"
-    cache_dir: str = ""
-    system_prompt: str = "none"
-
-    def replace(self, **changes) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
+KEY_SECTIONS = _key_sections()
 
 
 def _sections_of(key: str) -> tuple[str, ...]:
     if key in ALIAS_SECTIONS:
         return ALIAS_SECTIONS[key]
-    return FIELDS[ALIASES.get(key, key)][0]
+    return KEY_SECTIONS[ALIASES.get(key, key)]
 
 
 def known_key(key: str) -> bool:
-    return ALIASES.get(key, key) in FIELDS
+    return ALIASES.get(key, key) in KEY_SECTIONS
 
 
 def flatten_toml(document: dict, *, allow_flat: bool = False, origin: str = "config") -> dict[str, Any]:
@@ -176,7 +122,7 @@ def flatten_toml(document: dict, *, allow_flat: bool = False, origin: str = "con
     if unknown:
         raise ConfigError(
             f"{origin}: unknown key(s) {', '.join(unknown)}; known sections {list(SECTIONS)} "
-            f"(see training/config.py FIELDS or the README for every key)"
+            f"(see training/options.py or the README for every key)"
         )
     return flat
 
@@ -200,7 +146,7 @@ def config_from_flat(
     flat: dict[str, Any], base: TrainConfig | None = None, origin: str = "config"
 ) -> TrainConfig:
     """Apply {field: value} (after flatten_toml) on top of ``base`` and validate the result."""
-    values = dataclasses.asdict(base or TrainConfig())
+    values = (base or TrainConfig()).model_dump()
     flat = dict(flat)
     loss_params = dict(values["loss_params"])
     for name in LOSS_PARAM_NAMES:
@@ -231,9 +177,11 @@ def config_from_flat(
             raise ConfigError(
                 f"{origin}: enable_turbo = true contradicts timestep_method = {flat['timestep_method']!r}"
             )
-    config = TrainConfig(**{k: values[k] for k in (f.name for f in dataclasses.fields(TrainConfig))})
-    validate(config, origin)
-    return config
+    try:
+        config = TrainConfig.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(options.describe_errors(exc, origin)) from None
+    return validate(config, origin)
 
 
 def _need_toml():
@@ -242,7 +190,7 @@ def _need_toml():
 
 
 def load_toml(path, base: TrainConfig | None = None) -> TrainConfig:
-    """Read a TOML config file (the seed's sections) into a validated TrainConfig."""
+    """Read a TOML config file (AC-RF's sections) into a validated TrainConfig."""
     _need_toml()
     try:
         with open(path, "rb") as handle:
@@ -276,60 +224,16 @@ def _fail(origin: str, name: str, expected: str, value) -> None:
     raise ConfigError(f"{origin}: {name} must be {expected}, got {value!r}")
 
 
-def _int(config, origin, name, minimum, maximum=None):
-    value = getattr(config, name)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < minimum
-        or (maximum is not None and value > maximum)
-    ):
-        bound = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
-        _fail(origin, name, bound, value)
-
-
-def _float(config, origin, name, minimum, maximum=None, *, open_min=False):
-    value = getattr(config, name)
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    ok = ok and (value > minimum if open_min else value >= minimum) and (maximum is None or value <= maximum)
-    if not ok:
-        low = f"> {minimum}" if open_min else f">= {minimum}"
-        _fail(origin, name, f"a number {low}" + (f" and <= {maximum}" if maximum is not None else ""), value)
-    setattr(config, name, float(value))
-
-
-def _choice(config, origin, name, choices):
-    if getattr(config, name) not in choices:
-        _fail(origin, name, f"one of {list(choices)}", getattr(config, name))
-
-
-def _bool(config, origin, name):
-    if not isinstance(getattr(config, name), bool):
-        _fail(origin, name, "true or false", getattr(config, name))
-
-
-def _str(config, origin, name):
-    if not isinstance(getattr(config, name), str):
-        _fail(origin, name, "a string", getattr(config, name))
-
-
 def _drop_inactive_loss_params(config: TrainConfig, origin: str) -> None:
     """Parameters of another loss mode (AC-RF's files keep ``alpha_hf`` etc. next to ``enable_freq =
     false``) are checked, then left out with a warning; a name no mode knows stays an error."""
-    if not isinstance(config.loss_params, dict):
-        _fail(origin, "loss_params", "a table of loss-mode parameters", config.loss_params)
     used = LOSS_MODES[config.loss_mode]
     inactive = sorted(name for name in config.loss_params if name in LOSS_PARAM_NAMES and name not in used)
     if not inactive:
         return
     for name in inactive:
         value = config.loss_params[name]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-        ):
+        if not math.isfinite(value) or value < 0:
             _fail(origin, name, "a finite number >= 0", value)
     log.warning(
         "lumina_turbo: %s: %s not used by loss_mode %r (inactive, ignored)",
@@ -341,110 +245,42 @@ def _drop_inactive_loss_params(config: TrainConfig, origin: str) -> None:
 
 
 def validate(config: TrainConfig, origin: str = "config") -> TrainConfig:
-    """Check every field; raises ConfigError naming the first bad one. Normalises numbers to float."""
+    """The rules between options (each option's own type and range are checked by TrainConfig);
+    raises ConfigError naming the first broken one."""
     from ..losses import resolve_loss_params
 
-    for name in (
-        "transformer",
-        "text_encoder",
-        "vae",
-        "output_dir",
-        "output_name",
-        "checkpoint_dir",
-        "folder",
-        "caption_extension",
-        "cache_dir",
-    ):
-        _str(config, origin, name)
-    _choice(config, origin, "weight_dtype", ("default", "fp32", "bf16", "fp16"))
-    _choice(config, origin, "save_dtype", ("bf16", "fp16", "fp32"))
-    _int(config, origin, "turbo_steps", 1, 1000)
-    _float(config, origin, "shift", 0, open_min=True)
-    _float(config, origin, "jitter_scale", 0, 1)
-    _choice(config, origin, "anchor_convention", ANCHOR_CONVENTIONS)
-    _choice(config, origin, "timestep_method", TIMESTEP_METHODS)
-    _float(config, origin, "sigmoid_mean", -10, 10)
-    _float(config, origin, "sigmoid_scale", 0, 10, open_min=True)
-    for name in (
-        "raft_mode",
-        "use_dynamic_shift",
-        "train_attention",
-        "train_ffn",
-        "train_refiners",
-        "train_adaln",
-        "resume",
-        "gradient_checkpointing",
-        "shuffle",
-        "enable_bucket",
-    ):
-        _bool(config, origin, name)
     if config.use_dynamic_shift:
         raise ConfigError(
             f"{origin}: use_dynamic_shift = true is not supported: Z-Image-Turbo samples with a static shift "
             "(3.0), and AC-RF's dynamic shift passed mu where exp(mu) belongs. Set shift instead."
         )
-    _float(config, origin, "free_stream_ratio", 0, 1)
-    _float(config, origin, "latent_jitter_scale", 0, 1)
-    _float(config, origin, "curvature_weight", 0)
-    _int(config, origin, "curvature_interval", 1)
-    _float(config, origin, "curvature_step", 0, 0.2495)
-    _int(config, origin, "curvature_start_step", 0)
-    _float(config, origin, "replay_ratio", 0, 1)
-    _int(config, origin, "replay_capacity", 1)
-    _int(config, origin, "replay_min_entries", 1, config.replay_capacity)
-    _int(config, origin, "network_dim", 1, 1024)
-    _float(config, origin, "network_alpha", 0, open_min=True)
+    if config.replay_min_entries > config.replay_capacity:
+        _fail(origin, "replay_min_entries", f"<= replay_capacity ({config.replay_capacity})",
+              config.replay_min_entries)
     if not (config.train_attention or config.train_ffn or config.train_adaln):
         raise ConfigError(
             f"{origin}: train_attention, train_ffn and train_adaln are all false: no layer to train"
         )
-    _choice(config, origin, "optimizer_type", OPTIMIZERS)
-    _float(config, origin, "learning_rate", 0, 1, open_min=True)
-    _float(config, origin, "weight_decay", 0, 1)
-    _choice(config, origin, "lr_scheduler", LR_SCHEDULERS)
-    _int(config, origin, "lr_warmup_steps", 0)
-    _int(config, origin, "lr_num_cycles", 1)
-    _choice(config, origin, "loss_mode", tuple(LOSS_MODES))
     _drop_inactive_loss_params(config, origin)
     try:
         resolve_loss_params(config.loss_mode, config.loss_params)
     except ValueError as exc:
         raise ConfigError(f"{origin}: {exc}") from exc
-    _choice(config, origin, "style_basis", STYLE_BASES)
-    _float(config, origin, "snr_gamma", 0)
-    _choice(config, origin, "snr_form", MIN_SNR_FORMS)
-    _float(config, origin, "snr_floor", 0, 1)
-    _int(config, origin, "num_train_epochs", 0)
-    _int(config, origin, "max_train_steps", 1)
-    _int(config, origin, "gradient_accumulation_steps", 1, 1024)
-    _int(config, origin, "seed", 0, 2**63 - 1)
-    _int(config, origin, "save_every_n_steps", 0)
-    _float(config, origin, "max_grad_norm", 0)
-    _choice(config, origin, "mixed_precision", PRECISIONS)
-    _int(config, origin, "blocks_to_swap", 0, 1000)
     if config.blocks_to_swap and not config.gradient_checkpointing:
         raise ConfigError(
             f"{origin}: blocks_to_swap needs gradient_checkpointing = true (without it every streamed weight "
             "would be kept on the GPU for the backward pass, which defeats the swapping)"
         )
-    _int(config, origin, "batch_size", 1, 256)
-    _int(config, origin, "resolution", 64, 8192)
-    _int(config, origin, "bucket_step", 16, 1024)
     if config.bucket_step % 16:
         _fail(origin, "bucket_step", "a multiple of 16 (VAE 8 x patch 2)", config.bucket_step)
-    _float(config, origin, "max_aspect_ratio", 1)
-    _float(config, origin, "caption_dropout_rate", 0, 1)
-    _int(config, origin, "max_sequence_length", 1)
-    _int(config, origin, "num_repeats", 1, 10000)
-    _choice(config, origin, "system_prompt", SYSTEM_PROMPTS)
     for source in config.sources:
         repeats = source.get("num_repeats", 1)
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-            _fail(origin, "[[dataset.sources]] num_repeats", "an integer >= 1", repeats)
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or not 1 <= repeats <= 10000:
+            _fail(origin, "[[dataset.sources]] num_repeats", "an integer >= 1 and <= 10000", repeats)
     return config
 
 
 def run_identity(config: TrainConfig) -> dict[str, Any]:
     """The fields a resumed run must share with its checkpoint (everything that shapes the trajectory)."""
-    values = dataclasses.asdict(config)
-    return {k: v for k, v in sorted(values.items()) if k not in RUN_IDENTITY_EXCLUDED}
+    values = config.model_dump(include=set(options.identity_options()))
+    return dict(sorted(values.items()))

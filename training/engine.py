@@ -24,7 +24,6 @@ micro-batch, replays included, is stratified over the anchors.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -476,7 +475,7 @@ class LoraTrainer:
             "lumina_turbo.anchors": json.dumps([round(float(a), 6) for a in self.anchors]),
             "lumina_turbo.dataset": self.dataset.key,
             "lumina_turbo.config": json.dumps(
-                {k: v for k, v in dataclasses.asdict(config).items() if k in self.identity}, default=str
+                {k: v for k, v in config.model_dump().items() if k in self.identity}, default=str
             ),
             "lumina_turbo.final_loss": f"{self.loss_history[-1]:.6g}" if self.loss_history else "",
         }

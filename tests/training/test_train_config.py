@@ -160,7 +160,7 @@ def test_inactive_loss_parameters_are_accepted_with_a_warning(tmp_path, caplog):
     ("text", "needle"),
     [
         ("[lora]\nnetwork_dim = 0\n", "network_dim must be an integer >= 1"),
-        ("[training]\nlearning_rate = -1.0\n", "learning_rate must be a number > 0"),
+        ("[training]\nlearning_rate = -1.0\n", "learning_rate must be a number >= 1e-07"),
         ("[training]\noptimizer_type = 'SGD'\n", "optimizer_type must be one of"),
         ("[acrf]\nuse_dynamic_shift = true\n", "use_dynamic_shift"),
         ("[training]\nloss_mode = 'standard'\nenable_style = true\n", "contradicts"),
