@@ -14,6 +14,7 @@ from ..training import config as cfg
 from ..training import data_files, optim, options
 from ..training.dataset import build_from_folder
 from ..training.engine import LoraTrainer
+from ..training.latent_dataset import latent_dataset
 from ..training.save import SAVE_FORMATS, save_lora_file
 from .training_inputs import config_values, node_inputs
 
@@ -53,16 +54,22 @@ class LTDataset(io.ComfyNode):
                 "A folder of images with same-name .txt captions (kohya 'N_name' sub-folders repeat N times), "
                 "encoded once by the VAE and the text encoder and cached on disk (ComfyUI output/"
                 f"{CACHE_FOLDER}/, keyed by image content, model and bucket size): later runs reuse the cache "
-                "and only encode what changed. Images go to aspect-ratio buckets; batches stay within a bucket."
+                "and only encode what changed. Images go to aspect-ratio buckets; batches stay within a bucket. "
+                "Or connect a LATENT batch (e.g. VAEEncode) with captions and leave the folder empty."
             ),
             inputs=[
                 io.String.Input(
                     "folder",
                     default="",
                     tooltip="Folder under ComfyUI's input/ folder (e.g. 'my_concept') or an absolute path. "
-                    "Every image needs a .txt caption with the same name.",
+                    "Every image needs a .txt caption with the same name. Empty when latents are connected.",
                 ),
-                io.Vae.Input("vae", tooltip="The VAE of the model you will train (encodes the images once)."),
+                io.Vae.Input(
+                    "vae",
+                    optional=True,
+                    tooltip="The VAE of the model you will train (encodes the images once; not needed "
+                    "for latents).",
+                ),
                 io.Clip.Input(
                     "clip",
                     tooltip="The text encoder of the model you will train (encodes each caption once).",
@@ -73,6 +80,19 @@ class LTDataset(io.ComfyNode):
                     default="",
                     optional=True,
                     tooltip=f"Cache folder; empty = ComfyUI output/{CACHE_FOLDER}/. Safe to delete any time.",
+                ),
+                io.Latent.Input(
+                    "latents",
+                    optional=True,
+                    tooltip="Train on these latents instead of a folder (e.g. from VAEEncode, or a batch "
+                    "of images): leave folder empty and give captions. No VAE round trip.",
+                ),
+                io.String.Input(
+                    "captions",
+                    default="",
+                    multiline=True,
+                    optional=True,
+                    tooltip="With latents: one caption per latent, one per line, or a single line for all.",
                 ),
             ],
             outputs=[
@@ -87,6 +107,8 @@ class LTDataset(io.ComfyNode):
         error = _choice_error({"system_prompt": system_prompt}, {"system_prompt": options.SYSTEM_PROMPTS})
         if error:
             return error
+        if not (folder or "").strip():
+            return True  # latents may be connected (a link's value is not known yet); execute checks
         try:
             _scan(folder)
         except data_files.DatasetError as exc:
@@ -94,7 +116,9 @@ class LTDataset(io.ComfyNode):
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, folder, num_repeats=1, **kwargs):
+    def fingerprint_inputs(cls, folder, num_repeats=1, latents=None, **kwargs):
+        if latents is not None:
+            return "latents"  # the upstream node's own cache key covers them
         # Re-run when images or captions change, even though the widget values did not.
         try:
             return data_files.folder_fingerprint(_scan(folder, num_repeats))
@@ -105,7 +129,6 @@ class LTDataset(io.ComfyNode):
     def execute(
         cls,
         folder,
-        vae,
         clip,
         resolution,
         bucket_step,
@@ -114,12 +137,19 @@ class LTDataset(io.ComfyNode):
         system_prompt,
         num_repeats,
         max_sequence_length,
+        vae=None,
         cache_dir="",
+        latents=None,
+        captions="",
     ) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
-        root = data_files.resolve_folder(folder, _input_dir())
+        if latents is not None and (folder or "").strip():
+            raise data_files.DatasetError("folder: leave it empty when latents are connected (one source)")
+        root = None if latents is not None else data_files.resolve_folder(folder, _input_dir())
+        if root is not None and vae is None:
+            raise data_files.DatasetError("vae: needed to encode the images of a folder (or connect latents)")
         cache_root = (
             Path(cache_dir) if cache_dir.strip() else Path(folder_paths.get_output_directory()) / CACHE_FOLDER
         )
@@ -131,20 +161,26 @@ class LTDataset(io.ComfyNode):
             bar.update_absolute(done, total)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
-        dataset = build_from_folder(
-            root,
-            num_repeats=num_repeats,
-            vae=vae,
+        shared = dict(
             clip=clip,
             cache_root=cache_root,
-            resolution=resolution,
-            bucket_step=bucket_step,
-            enable_bucket=enable_bucket,
             caption_dropout_rate=caption_dropout,
             max_sequence_length=max_sequence_length,
             system_prompt=system_prompt,
             progress=progress,
         )
+        if latents is not None:
+            dataset = latent_dataset(latents, captions or "", num_repeats=num_repeats, **shared)
+        else:
+            dataset = build_from_folder(
+                root,
+                num_repeats=num_repeats,
+                vae=vae,
+                resolution=resolution,
+                bucket_step=bucket_step,
+                enable_bucket=enable_bucket,
+                **shared,
+            )
         s = dataset.stats
         buckets = sorted({item.size for item in dataset.items})
         text = (

@@ -88,12 +88,12 @@ def load_models(config: cfg.TrainConfig, base: Path):
         clip = model_files.clip_from_diffusers_folder(transformer) if not config.text_encoder else None
         vae = model_files.vae_from_diffusers_folder(transformer) if not config.vae else None
     else:
-        if not config.text_encoder or not config.vae:
+        if not config.text_encoder or not (config.vae or config.latents):
             raise cfg.ConfigError("[model] a single transformer file needs text_encoder and vae files too")
         model, clip, vae = model_files.load_transformer_file(transformer, dtype), None, None
     if clip is None:
         clip = model_files.load_text_encoder_file(locate(config.text_encoder, ("text_encoders", "clip")))
-    if vae is None:
+    if vae is None and config.vae:  # latents need no VAE
         vae = model_files.load_vae_file(locate(config.vae, ("vae",)))
     return model, clip, vae
 
@@ -101,11 +101,19 @@ def load_models(config: cfg.TrainConfig, base: Path):
 def dataset_records(config: cfg.TrainConfig, base: Path):
     from .data_files import DatasetError, scan_folder
 
+    if config.latents:
+        from .latent_dataset import load_latents_file
+
+        if config.folder or config.sources:
+            raise cfg.ConfigError("[dataset] latents and folder (or sources) are exclusive; give one")
+        return load_latents_file(
+            _path(config.latents, base), config.caption_extension, num_repeats=config.num_repeats
+        )
     sources = list(config.sources)
     if config.folder:
         sources.insert(0, {"folder": config.folder, "num_repeats": config.num_repeats})
     if not sources:
-        raise cfg.ConfigError("[dataset] folder (or [[dataset.sources]] folder) is required")
+        raise cfg.ConfigError("[dataset] folder (or [[dataset.sources]] folder, or latents) is required")
     records = []
     for source in sources:
         folder = _path(source["folder"], base)
@@ -138,11 +146,13 @@ def main(argv=None) -> int:
     base = config_path.parent
     try:
         config = cfg.load_toml(config_path)
-        records = None if config.folder == "" and not config.sources else dataset_records(config, base)
+        has_data = config.folder or config.sources or config.latents
+        records = dataset_records(config, base) if has_data else None
         if options.check:
             if records is None:
                 dataset_records(config, base)
-            print(f"ok: {config_path} is valid; {len(records or [])} captioned images")
+            kind = "captioned latents" if config.latents else "captioned images"
+            print(f"ok: {config_path} is valid; {len(records or [])} {kind}")
             return 0
         return _train(config, options, base, records)
     except KeyboardInterrupt:
@@ -175,6 +185,7 @@ def _train(config: cfg.TrainConfig, options, base: Path, records) -> int:
 
     from .dataset import build_dataset
     from .engine import LoraTrainer
+    from .latent_dataset import LatentData, build_from_latents
     from .save import save_lora_file
 
     if records is None:
@@ -184,15 +195,9 @@ def _train(config: cfg.TrainConfig, options, base: Path, records) -> int:
     cache_root = _path(config.cache_dir, base) if config.cache_dir else output / "lumina_turbo_cache"
     with tqdm(total=len(records) + 1, desc="caching latents and captions", leave=False) as bar:
         with torch.inference_mode():
-            dataset = build_dataset(
-                records,
-                vae=vae,
+            shared = dict(
                 clip=clip,
                 cache_root=cache_root,
-                resolution=config.resolution,
-                bucket_step=config.bucket_step,
-                enable_bucket=config.enable_bucket,
-                max_aspect_ratio=config.max_aspect_ratio,
                 caption_dropout_rate=config.caption_dropout_rate,
                 max_sequence_length=config.max_sequence_length,
                 system_prompt=config.system_prompt,
@@ -200,6 +205,18 @@ def _train(config: cfg.TrainConfig, options, base: Path, records) -> int:
                     bar.update(done - bar.n) if bar.total == total else bar.reset(total)
                 ),
             )
+            if isinstance(records, LatentData):
+                dataset = build_from_latents(records, **shared)
+            else:
+                dataset = build_dataset(
+                    records,
+                    vae=vae,
+                    resolution=config.resolution,
+                    bucket_step=config.bucket_step,
+                    enable_bucket=config.enable_bucket,
+                    max_aspect_ratio=config.max_aspect_ratio,
+                    **shared,
+                )
     s = dataset.stats
     print(
         f"dataset: {s['images']} images, latents {s['latents_encoded']} encoded / {s['latents_cached']} cached, "

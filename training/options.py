@@ -202,6 +202,9 @@ class TrainConfig(BaseModel):
 
     # --- [dataset]: headless only -------------------------------------------------------------------
     folder: str = option("", DATASET, "Image folder with same-name caption files.", identity=False, headless=True)
+    latents: str = option("", DATASET, "Instead of folder: a safetensors file of latents [N, C, h, w] (raw VAE "
+                          "space, e.g. ComfyUI's .latent) with a same-name caption file, one caption per line "
+                          "or one for all.", identity=False, headless=True)
     shuffle: bool = option(True, DATASET, "Shuffle batches every epoch.")
     max_aspect_ratio: float = option(4.0, DATASET, "Widest bucket aspect ratio.", ge=1, le=16, identity=False, headless=True)
     caption_extension: str = option(".txt", DATASET, "Caption file extension.", identity=False, headless=True)
