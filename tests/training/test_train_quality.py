@@ -20,7 +20,13 @@ def problem(tiny_models, tmp_path_factory):
 
     model, clip, _ = tiny_family("lumina2")
     return ts.make_problem(
-        model, clip, tmp_path_factory.mktemp("cache"), family="lumina2", latent_size=8, loss_draws=1
+        model,
+        clip,
+        tmp_path_factory.mktemp("cache"),
+        family="lumina2",
+        latent_size=8,
+        train_seeds=3,
+        loss_draws=1,
     )
 
 
