@@ -28,21 +28,23 @@ def write_plot(summary: dict, path: Path) -> Path:
         ]
     names = list(dict.fromkeys(names))
     colour = {name: COLOURS[i % len(COLOURS)] for i, name in enumerate(names)}
-    values = [
-        v
-        for family in families
-        for n in names
-        if n in summary[family]
-        for point in summary[family][n]["curve"]
-        for v in (point["min"], point["max"])
-    ]
-    low, high = min(0.0, min(values)), max(0.1, 1.15 * max(values))  # zoomed: the 100 % line may be off
     for panel, family in enumerate(families):
         left, top = panel * PANEL_W + MARGIN, 30
         width, height = PANEL_W - MARGIN - 20, PANEL_H - 70
         max_step = max(p["step"] for n in names if n in summary[family] for p in summary[family][n]["curve"])
+        values = [
+            v
+            for n in names
+            if n in summary[family]
+            for point in summary[family][n]["curve"]
+            for v in (point["min"], point["max"])
+        ]
+        # each panel zoomed to its own range: the 100 % line may be off it
+        low, high = min(0.0, min(values)), max(0.1, 1.15 * max(values))
 
-        def xy(step, value, left=left, top=top, width=width, height=height, max_step=max_step):
+        def xy(
+            step, value, left=left, top=top, width=width, height=height, max_step=max_step, low=low, high=high
+        ):
             return (left + width * step / max_step, top + height * (1 - (value - low) / (high - low)))
 
         draw.rectangle([left, top, left + width, top + height], outline="black")
