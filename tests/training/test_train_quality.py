@@ -16,18 +16,25 @@ MIN_CLOSED = 0.15
 
 @pytest.fixture(scope="module")
 def problem(tiny_models, tmp_path_factory):
+    import torch
+
     from lumina_turbo.devtools import teacher_student as ts
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a module fixture runs before the autouse one_thread fixture
     model, clip, _ = tiny_family("lumina2")
-    return ts.make_problem(
-        model,
-        clip,
-        tmp_path_factory.mktemp("cache"),
-        family="lumina2",
-        latent_size=8,
-        train_seeds=3,
-        loss_draws=1,
-    )
+    try:
+        return ts.make_problem(
+            model,
+            clip,
+            tmp_path_factory.mktemp("cache"),
+            family="lumina2",
+            latent_size=8,
+            train_seeds=3,
+            loss_draws=1,
+        )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def trained_gap(problem, trainer):
