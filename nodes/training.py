@@ -147,6 +147,10 @@ class LTDataset(io.ComfyNode):
 
         if latents is not None and (folder or "").strip():
             raise data_files.DatasetError("folder: leave it empty when latents are connected (one source)")
+        if latents is None and not (folder or "").strip():
+            raise data_files.DatasetError(
+                "folder: empty; give a folder under ComfyUI's input/ folder or an absolute path, or connect latents"
+            )
         root = None if latents is not None else data_files.resolve_folder(folder, _input_dir())
         if root is not None and vae is None:
             raise data_files.DatasetError("vae: needed to encode the images of a folder (or connect latents)")

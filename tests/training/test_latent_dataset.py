@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 from lumina_turbo.devtools.example_dataset import CONCEPT_CAPTION, write_concept_dataset
-from lumina_turbo.devtools.harness import graph
+from lumina_turbo.devtools.harness import PromptFailed, graph
 from lumina_turbo.devtools.training_support import build, one_thread, small_config, tiny_family  # noqa: F401
 from lumina_turbo.training.data_files import DatasetError
 from lumina_turbo.training.engine import LoraTrainer
@@ -176,7 +176,11 @@ def test_vae_encode_to_dataset_to_trainer(comfy_host, tmp_path):
         format="comfyui",
     )
     try:
-        outputs = comfy_host.run(g.finalize())
+        prompt = g.finalize()
+        outputs = comfy_host.run(prompt)
+        prompt[dataset.id]["inputs"].pop("latents")  # an empty folder and no latents: a clear error
+        with pytest.raises(PromptFailed, match="or connect latents"):
+            comfy_host.run(prompt)
     finally:
         shutil.rmtree(Path(folder_paths.get_folder_paths("loras")[0]) / prefix, ignore_errors=True)
         shutil.rmtree(
