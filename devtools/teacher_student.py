@@ -153,12 +153,11 @@ def make_problem(
     mm.load_models_gpu([model])
     base_raw = raw_metrics(problem, model.model)
     problem.reference = {"base": base_raw, "teacher": teacher_raw}
-    mm.load_models_gpu([model])
     return problem
 
 
 def _noisy(problem: Problem):
-    """(draw, sigma, x_sigma) of the held-out loss: every fixed noise at every anchor."""
+    """(draw, anchor index, sigma, x_sigma, noise) of the held-out loss: every fixed noise at every anchor."""
     x0 = problem.heldout_x0
     for draw, noise in enumerate(problem.loss_noise):
         for index, sigma in enumerate(problem.anchors.tolist()):
