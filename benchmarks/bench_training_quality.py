@@ -5,8 +5,7 @@ targets; training data = T's own samples (latents through the trainer's LATENT p
 held out = T's samples from other seeds (devtools/teacher_student.py). Each configuration trains the
 same rank-16 LoRA from B for the same optimizer steps (batch 1, fp32, no gradient checkpointing,
 turbo_steps 8; Z-Image 90 steps at lr 1e-4, Lumina-2 300 steps at lr 1e-3) over 3 training seeds; everything else is the option defaults. ComfyUI's
-TrainLoraNode gets the same latents, one caption per latent, rank, lr, batch and steps. Lumina-2 runs
-the timestep rows and TrainLoraNode only (the question where a second architecture matters most).
+TrainLoraNode gets the same latents, one caption per latent, rank, lr, batch and steps.
 
 Metrics (fraction of the B->T gap closed; B = 0 %, T = 100 %; mean and min..max over seeds):
 velocity = held-out velocity MSE to T at the 8 sampling anchors; fid N = the N-step anchor-schedule
@@ -63,7 +62,7 @@ LABELS = {
 }
 FAMILY_CONFIGS = {
     "zimage": [*CONFIGS, TRAINLORANODE],
-    "lumina2": ["default", "uniform", "logit_normal", TRAINLORANODE],
+    "lumina2": [*CONFIGS, TRAINLORANODE],
     "real": [*CONFIGS, TRAINLORANODE],
 }
 
