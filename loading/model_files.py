@@ -24,11 +24,14 @@ from .safetensors_io import (
 )
 from .text_encoders import (
     check_tokenizer,
-    clip_from_diffusers_folder,
     clip_from_state_dict,
     text_encoder_width,
 )
-from .vae import vae_from_diffusers_folder, vae_from_state_dict
+from .text_encoders import (
+    clip_from_diffusers_folder as clip_from_diffusers_folder,
+)
+from .vae import vae_from_diffusers_folder as vae_from_diffusers_folder
+from .vae import vae_from_state_dict
 
 DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRANSFORMER_CLASSES = ("Lumina2Transformer2DModel", "ZImageTransformer2DModel")
@@ -185,16 +188,6 @@ def load_transformer_file(path: str | Path, dtype: torch.dtype | None = None):
         return nextdit_build.build_nextdit_from_diffusers(state_dict, dtype=dtype, consume=True)
     except ValueError as exc:
         raise ModelFileError(path, "a Lumina-Image-2.0 or Z-Image transformer", str(exc)) from exc
-
-
-def load_diffusers_folder(folder: str | Path, dtype: torch.dtype | None = None):
-    """(model, clip, vae) from a diffusers pipeline folder."""
-    check_diffusers_folder(folder)
-    return (
-        load_transformer_folder(folder, dtype),
-        clip_from_diffusers_folder(folder),
-        vae_from_diffusers_folder(folder),
-    )
 
 
 def load_text_encoder_file(path: str | Path):

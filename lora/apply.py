@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..loading.errors import ModelFileError
-from ..loading.safetensors_io import load_safetensors
+from ..loading.safetensors_io import load_safetensors, read_header
 from .convert import to_comfy_native, validate_lora
 from .keys import ParsedLora, parse_lora, qkv_slices
 
@@ -224,19 +224,6 @@ def convert_file(src, dst, shapes=None) -> dict:
     }
 
 
-def _header_shapes(files) -> dict:
-    from safetensors import SafetensorError, safe_open
-
-    shapes = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
-        except (SafetensorError, OSError) as exc:
-            raise ModelFileError(file, "a complete, valid .safetensors file", str(exc)) from exc
-    return shapes
-
-
 def transformer_file_shapes(path) -> dict:
     """ComfyUI NextDiT parameter shapes of a transformer file (ComfyUI or diffusers names) or a
     diffusers folder, read from the headers only (for the converter's ``--model``)."""
@@ -250,7 +237,7 @@ def transformer_file_shapes(path) -> dict:
     files = sorted(folder.glob("*.safetensors")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
         raise ModelFileError(path, "a transformer .safetensors file or a diffusers folder", "no such file")
-    header = _header_shapes(files)
+    header = {name: info.shape for file in files for name, info in read_header(file).items()}
     for prefix in TRANSFORMER_PREFIXES:
         if any(name.startswith(prefix) for name in header):
             header = {name[len(prefix) :]: shape for name, shape in header.items() if name.startswith(prefix)}

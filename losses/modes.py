@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from .common import check_same_shape, compute_dtype, per_sample_sigma, x0_from_velocity
+from ..samplers.flow import denoised_from_velocity, per_sample_sigma
+from .common import check_same_shape, compute_dtype
 from .flow import hybrid_flow_loss
 from .frequency import check_downsample_factor, fft_highpass_loss, frequency_band_loss
 from .style import style_structure_loss
@@ -136,8 +137,8 @@ def flow_loss(
         raise ValueError(
             f"loss mode {mode!r} needs image latents [B, C, H, W], got shape {tuple(pred_v.shape)}"
         )
-    pred_x0 = x0_from_velocity(x_sigma, sigma, pred_v)
-    target_x0 = x0_from_velocity(x_sigma, sigma, target_v)
+    pred_x0 = denoised_from_velocity(x_sigma, pred_v, sigma)
+    target_x0 = denoised_from_velocity(x_sigma, target_v, sigma)
     if resolved["lambda_fft"]:
         loss = loss + resolved["lambda_fft"] * fft_highpass_loss(pred_x0, target_x0)
     if uses_frequency:

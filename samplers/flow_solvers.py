@@ -9,11 +9,7 @@ probability-flow ODE is ``dx/dsigma = v``, integrated from the first sigma down 
 import torch
 from tqdm.auto import trange
 
-
-def flow_velocity(x: torch.Tensor, sigma, denoised: torch.Tensor) -> torch.Tensor:
-    """Velocity ``dx/dsigma = (x - denoised) / sigma`` at ComfyUI sigma ``sigma`` (1 = noise, > 0)."""
-    return (x - denoised) / sigma
-
+from .flow import velocity_from_denoised
 
 FINAL_STEPS = ("midpoint", "euler")
 
@@ -63,9 +59,9 @@ def sample_flow_midpoint(
             continue
         step = sigma_next - sigma
         sigma_mid = sigma + step / 2
-        x_mid = x + flow_velocity(x, sigma, denoised) * (sigma_mid - sigma)
+        x_mid = x + velocity_from_denoised(x, denoised, sigma) * (sigma_mid - sigma)
         denoised_mid = model(x_mid, sigma_mid * s_in, **extra_args)
-        x = x + flow_velocity(x_mid, sigma_mid, denoised_mid) * step
+        x = x + velocity_from_denoised(x_mid, denoised_mid, sigma_mid) * step
     return x
 
 

@@ -1,4 +1,4 @@
-"""Sigma schedules for flow-matching models: the rational time shift, AC-RF anchors, Lumina-Next sigmoid.
+"""Sigma schedules for flow-matching models: AC-RF anchors and the Lumina-Next sigmoid (shift: samplers/flow.py).
 
 Time convention used everywhere in this module: **ComfyUI sigma**, 1 = pure noise, 0 = data, with
 ``x_sigma = (1 - sigma) * x0 + sigma * noise``. Lumina code uses ``t = 1 - sigma`` (t = 0 is noise);
@@ -10,6 +10,8 @@ import math
 from numbers import Real
 
 import torch
+
+from .flow import check_shift, time_shift
 
 ANCHOR_CONVENTIONS = ("zimage", "diffusers")
 # Defaults chosen on benchmarks/exact_flow.py (see sigmoid_sigmas' docstring).
@@ -27,16 +29,6 @@ def check_steps(steps, name: str = "steps") -> int:
     if isinstance(steps, bool) or not isinstance(steps, Real) or steps != int(steps) or steps < 1:
         raise ValueError(f"{name} must be a whole number >= 1, got {steps!r}")
     return int(steps)
-
-
-def check_shift(shift, name: str = "shift") -> float:
-    """Return ``shift`` as a float, or raise ValueError unless it is a finite number > 0.
-
-    The shift acts on ComfyUI sigma (1 = noise); shift > 1 spends more steps near the noise end.
-    """
-    if isinstance(shift, bool) or not isinstance(shift, Real) or not math.isfinite(shift) or shift <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {shift!r}")
-    return float(shift)
 
 
 def check_denoise(denoise, name: str = "denoise") -> float:
@@ -71,20 +63,6 @@ def check_sigmas(sigmas: torch.Tensor, name: str = "sigmas", start: float | None
     return sigmas
 
 
-def time_shift(t, shift):
-    """Rational time shift ``sigma' = shift * sigma / (1 + (shift - 1) * sigma)`` on ComfyUI sigma.
-
-    ``t`` is a ComfyUI sigma (1 = noise, 0 = data; the name follows comfy.model_sampling.time_snr_shift,
-    which this equals). In Lumina's t = 1 - sigma it is Lumina's ``t / (t + shift - shift * t)``;
-    diffusers/SD3/Flux call it the static shift. It fixes 0 and 1 and is monotone; shift > 1 moves
-    sigmas towards the noise end. Works on floats and tensors (returned with the input's type/dtype).
-    """
-    shift = check_shift(shift)
-    if shift == 1.0:
-        return t
-    return shift * t / (1 + (shift - 1) * t)
-
-
 def _with_denoise(build, steps: int, denoise: float) -> torch.Tensor:
     # Same rule as ComfyUI's BasicScheduler: a longer schedule whose tail we keep.
     if denoise <= 0.0:
@@ -112,7 +90,7 @@ def _diffusers_anchors(steps: int, shift: float) -> torch.Tensor:
     # smallest entry of the 1000-entry table (computed in float32), and the linspace between
     # sigma_max and sigma_min is shifted again. The last non-zero sigma is therefore not 1/N-uniform.
     table_ends = torch.tensor([1000.0, 1.0], dtype=torch.float32) / _DIFFUSERS_TRAIN_TIMESTEPS
-    table_ends = shift * table_ends / (1 + (shift - 1) * table_ends)
+    table_ends = time_shift(table_ends, shift)
     sigma_max, sigma_min = (float(v) for v in table_ends)
     timesteps = torch.linspace(
         sigma_max * _DIFFUSERS_TRAIN_TIMESTEPS,
@@ -121,7 +99,7 @@ def _diffusers_anchors(steps: int, shift: float) -> torch.Tensor:
         dtype=torch.float64,
     )
     sigmas = timesteps / _DIFFUSERS_TRAIN_TIMESTEPS
-    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    sigmas = time_shift(sigmas, shift)
     return torch.cat([sigmas.to(torch.float32), torch.zeros(1, dtype=torch.float32)])
 
 

@@ -18,13 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
 from ..losses import LOSS_MODES, MIN_SNR_FORMS, TIMESTEP_METHODS
+from ..samplers.schedules import ANCHOR_CONVENTIONS
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
 PRECISIONS = ("bf16", "fp32")
 WEIGHT_DTYPES = ("default", "fp32", "bf16", "fp16")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
-ANCHOR_CONVENTIONS = ("zimage", "diffusers")
 STYLE_BASES = ("latent_rgb", "channels")
 SYSTEM_PROMPTS = ("none", "superior", "alignment")
 
