@@ -158,7 +158,7 @@ class ComfyServer:
             "--user-directory", self.user_dir,
         ]
         self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115  (closed in stop())
+        self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(COMFY_DIR), stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._wait_ready(timeout=180)

@@ -2,8 +2,8 @@
 
 Time convention: ComfyUI sigma (1 = noise, 0 = data); Lumina t = 1 - sigma; diffusers timestep =
 1000 sigma. Along x_sigma = (1 - sigma) x0 + sigma eps the trajectory's first derivative is
-dx/dsigma = v (the model's velocity), so its second derivative is dv/dsigma. A straight ("匀速直线",
-constant-velocity) trajectory has dv/dsigma = 0; that is what Euler sampling with few steps needs.
+dx/dsigma = v (the model's velocity), so its second derivative is dv/dsigma. A straight (constant-velocity)
+trajectory has dv/dsigma = 0; that is what Euler sampling with few steps needs.
 
 Definition used here. Given the model's velocity at three distinct sigmas s0 (the training sigma,
 prediction v0 with gradient) and two neighbours s1, s2 (predictions v1, v2, by default detached),

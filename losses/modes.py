@@ -1,9 +1,9 @@
-"""The trainer's single loss entry point: the seed's loss modes and their parameters.
+"""The trainer's single loss entry point: the AC-RF trainer's loss modes and their parameters.
 
 Time convention: ComfyUI sigma (1 = noise, 0 = data); x_sigma = (1 - sigma) x0 + sigma eps; target
 v = eps - x0 (denoised = x - sigma v). Lumina t = 1 - sigma; diffusers timestep = 1000 sigma.
 
-Modes (the seed's ``loss_mode``; every mode starts from the hybrid velocity loss of flow.py):
+Modes (AC-RF's ``loss_mode``; every mode starts from the hybrid velocity loss of flow.py):
 
   standard  = lambda_mse MSE(v) + lambda_l1 L1(v) + lambda_cos (1 - cos v) + lambda_fft FFT(x0)
   frequency = standard + lambda_freq  * [alpha_hf L1(high x0) + beta_lf (1 - cos(low x0))]
@@ -13,7 +13,7 @@ Modes (the seed's ``loss_mode``; every mode starts from the hybrid velocity loss
 
 The base terms compare velocities; the frequency, FFT and style terms compare the denoised latents
 x̂0 = x_sigma - sigma v̂ and x0 = x_sigma - sigma v (image properties; see frequency.py/style.py).
-With the defaults, ``frequency`` is exactly the seed's "MSE + α·L1(高频) + β·Cos(低频)". AC-RF's v2
+With the defaults, ``frequency`` is exactly the AC-RF write-up's "MSE + α·L1(high frequencies) + β·Cos(low frequencies)". AC-RF's v2
 script scaled the two blocks by lambda_freq = lambda_style = 0.3; set those to reproduce it.
 """
 

@@ -43,7 +43,7 @@ def training_anchor_sigmas(
     """The ``turbo_steps`` anchor sigmas (ComfyUI sigma, descending, 0 excluded) an AC-RF LoRA trains on.
 
     The first ``turbo_steps`` entries of ``samplers.schedules.anchor_sigmas`` (whose schedule ends in
-    the terminal 0), so training and the LTAnchorScheduler share one definition. Seed defaults:
+    the terminal 0), so training and the LTAnchorScheduler share one definition. AC-RF defaults:
     turbo_steps = 10, shift = 3.0. AC-RF built these with diffusers' scheduler
     (``convention="diffusers"``); ``"zimage"`` is the official Z-Image schedule.
     """
@@ -162,7 +162,7 @@ def sample_shifted_sigmoid_sigmas(
 
     SD3's rf/lognorm(m, s) density 1/(s sqrt(2 pi)) 1/(t(1-t)) exp(-(logit t - m)^2 / (2 s^2)),
     followed by sigma' = shift sigma / (1 + (shift - 1) sigma) (musubi/sd-scripts "shift" sampling;
-    the seed's "Shifted Sigmoid, Shift=3.0"). Clamped to [0.001, 0.999]. ComfyUI sigma, 1 = noise.
+    the AC-RF write-up's "shifted sigmoid, shift 3.0"). Clamped to [0.001, 0.999]. ComfyUI sigma, 1 = noise.
     """
     batch_size = _check_batch_size(batch_size)
     generator = _check_generator(generator)

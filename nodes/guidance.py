@@ -59,7 +59,7 @@ def option_inputs(cfg_meaning: str) -> list:
             options=list(AFTER_TRUNC),
             default=DEFAULTS.after_trunc,
             tooltip="The branch evaluated after truncation: 'cond' (every official source) or "
-            "'uncond' (seed 001's Wan recipe).",
+            "'uncond' (the Wan 2.x cfg_truncate_steps recipe).",
         ),
         io.Combo.Input(
             "cfg_formula",

@@ -91,10 +91,8 @@ class LTSigmoidScheduler(io.ComfyNode):
                     max=LIMITS["slope"][1],
                     step=0.1,
                     tooltip="Steepness of the logistic: 0 = uniform steps, larger = more steps at both "
-                    "ends. Default 2 (center 0.5): on the exact-flow sweep (make bench BENCH=schedules) "
-                    "1.8 % lower error than uniform on average, 6 % with dpmpp_2m; a tie with heun and "
-                    "flow_midpoint (up to 3 % worse at some step counts). Slopes 3-4 starve the middle and "
-                    "are worse.",
+                    "ends. Default 2: the best average on the exact-flow sweep (README, Schedules); "
+                    "slopes 3-4 starve the middle and are worse.",
                 ),
                 io.Float.Input(
                     "center",
@@ -103,8 +101,7 @@ class LTSigmoidScheduler(io.ComfyNode):
                     max=LIMITS["center"][1],
                     step=0.01,
                     tooltip="Step fraction where steps are largest. 0.5 = symmetric; smaller puts the large "
-                    "steps earlier (more small steps near the data end). On the sweep 0.6 was 0.4 % better "
-                    "on average but worse than uniform more often; 0.4 was worse.",
+                    "steps earlier (more small steps near the data end).",
                 ),
                 io.Float.Input(
                     "denoise",
@@ -234,7 +231,7 @@ class LTFlowMidpointSampler(io.ComfyNode):
                     options=list(FINAL_STEPS),
                     default="midpoint",
                     tooltip="How the last interval (to sigma 0) is taken. midpoint: 2 calls, like every "
-                    "other interval (default; clearly more accurate on the benchmark). euler: 1 "
+                    "other interval (default; more accurate, README). euler: 1 "
                     "call, x = denoised (saves one model call).",
                 ),
             ],

@@ -179,7 +179,7 @@ class LTLoraTrainer(io.ComfyNode):
             display_name="LT AC-RF LoRA Trainer",
             category="LuminaTurbo/training",
             description=(
-                "Trains a LoRA on Lumina-2 / Z-Image with AC-RF anchor timesteps (the Turbo schedule), the seed's "
+                "Trains a LoRA on Lumina-2 / Z-Image with AC-RF anchor timesteps (the Turbo schedule), the AC-RF trainer's "
                 "loss modes in velocity space, Min-SNR, replay and curvature options. Each latent trains against "
                 "its own caption. Checkpoints every N steps and on interrupt to ComfyUI output/"
                 f"{RUNS_FOLDER}/<run_name>/; queue it again to resume exactly. Live loss: the "
@@ -350,7 +350,7 @@ class LTSaveLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename_prefix, save_dtype, format):  # noqa: A002 - the input's name
+    def validate_inputs(cls, filename_prefix, save_dtype, format):
         error = _choice_error(
             {"save_dtype": save_dtype, "format": format},
             {"save_dtype": options.SAVE_DTYPES, "format": SAVE_FORMATS},
@@ -363,7 +363,7 @@ class LTSaveLora(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, lora, filename_prefix, save_dtype, format) -> io.NodeOutput:  # noqa: A002
+    def execute(cls, lora, filename_prefix, save_dtype, format) -> io.NodeOutput:
         loras_dir = folder_paths.get_folder_paths("loras")[0]
         path = save_lora_file(lora, loras_dir, filename_prefix, dtype=save_dtype, key_format=format)
         name = os.path.relpath(path, loras_dir).replace(os.sep, "/")

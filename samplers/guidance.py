@@ -161,7 +161,7 @@ def cfg_is_active(trunc_mode: str, trunc_value, sigma, sample_sigmas, step: int 
       while ``1 - sigma_i <= value`` with sigma_i = ``sample_sigmas[i]``, the step's start, and t_norm
       computed in float32 from the timestep 1000 * sigma_i as the pipeline does.
     * ``sigma``: while ``sigma >= value``, per model call.
-    * ``last_steps`` -- seed 001's ``cfg_truncate_steps`` (``is_final_steps = step_idx >= len(timesteps) - n``):
+    * ``last_steps`` -- the Wan 2.x recipe's ``cfg_truncate_steps`` (``is_final_steps = step_idx >= len(timesteps) - n``):
       while ``i < N - value``.
     """
     if trunc_mode == "off":

@@ -14,7 +14,7 @@ import torch
 from .flow import check_shift, time_shift
 
 ANCHOR_CONVENTIONS = ("zimage", "diffusers")
-# Defaults chosen on benchmarks/exact_flow.py (see sigmoid_sigmas' docstring).
+# Defaults chosen by the sigmoid sweep of benchmarks/bench_schedules.py (see sigmoid_sigmas).
 SIGMOID_DEFAULT_SLOPE = 2.0
 SIGMOID_DEFAULT_CENTER = 0.5
 _DIFFUSERS_TRAIN_TIMESTEPS = 1000
@@ -170,15 +170,9 @@ def sigmoid_sigmas(
     shift: 3 for Z-Image, 6 for Lumina-Image-2.0); endpoints stay exact.
 
     Defaults (slope 2.0, center 0.5) come from the sigmoid sweep of ``make bench BENCH=schedules``
-    (benchmarks/bench_schedules.py: exact flows of 4 Gaussian mixtures, slope 0-4 x center 0.4-0.6,
-    euler / heun / dpmpp_2m / flow_midpoint, NFE 4-30, terminal error relative to uniform at equal NFE).
-    Averaged over all 24 solver x budget cells they lower the error by 1.8 %, second only to slope 2,
-    center 0.6 (2.2 %, but worse than uniform in 10 cells against 6). The gain is dpmpp_2m's (6 % on
-    average, better at every budget) and euler's (0.8 %); with heun and flow_midpoint it is a tie with
-    uniform (-0.7 % / +0.8 % on average, up to 3 % worse at single budgets). Slopes 3-4 starve the middle,
-    where trajectories choose their mode, and are worse than uniform for heun, dpmpp_2m and the midpoint.
-    Those mixtures are low-dimensional and need no shift; image models at high resolution do (pass their
-    shift).
+    (numbers in the README and benchmarks/results/schedules.json). Steeper slopes starve the middle,
+    where trajectories choose their mode. Those mixtures need no shift; image models at high resolution
+    do (pass their shift).
 
     ``denoise`` < 1 works like ComfyUI's BasicScheduler (build ``int(steps / denoise)`` steps and keep
     the last ``steps + 1``); 0 returns an empty tensor. Raises ValueError for steps < 1, slope < 0,

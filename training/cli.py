@@ -151,7 +151,7 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 130
-    except Exception as exc:  # noqa: BLE001 - known errors become one line; anything else keeps its traceback
+    except Exception as exc:
         from .checkpoint import CheckpointMismatch
         from .data_files import DatasetError
         from .optim import OptimizerUnavailable

@@ -43,15 +43,14 @@ from ..losses import (
     default_curvature_step,
     flow_loss,
     min_snr_weight,
-    noisy_latent,
     reduce_loss,
     resolve_loss_params,
     sample_anchor_sigmas,
     sample_shifted_sigmoid_sigmas,
     sample_uniform_sigmas,
     training_anchor_sigmas,
-    velocity_target,
 )
+from ..samplers.flow import noisy_latent, velocity_target
 from . import checkpoint as ckpt
 from . import lora, model_patch, optim
 from .config import TrainConfig, run_identity

@@ -43,7 +43,7 @@ class ConfigError(ValueError):
 def option(
     default,
     sections: str | tuple[str, ...],
-    help: str,  # noqa: A002 - pydantic's word for it is description; ours reads better at the call sites
+    help: str,
     *,
     ge: float | None = None,
     gt: float | None = None,
