@@ -13,9 +13,11 @@ from comfy_api.latest import io, ui
 from ..losses import LOSS_MODES, TIMESTEP_METHODS
 from ..training import config as cfg
 from ..training import data_files, optim
-from ..training.dataset import build_from_folder
+from ..training.dataset import build_dataset
 from ..training.engine import LoraTrainer
 from ..training.save import SAVE_FORMATS, save_lora_file
+from . import paths
+from .input_checks import checked_execution, checked_validation
 
 DATASET = io.Custom("LT_DATASET")
 LORA_MODEL = io.Custom("LORA_MODEL")
@@ -30,9 +32,28 @@ def _input_dir() -> str:
     return folder_paths.get_input_directory()
 
 
+def _dataset_root(folder) -> Path:
+    # the path policy first: nothing outside input/ (or an allowed root) is looked at
+    return data_files.resolve_folder(str(paths.dataset_folder(folder)), _input_dir())
+
+
 def _scan(folder: str, num_repeats: int = 1):
-    root = data_files.resolve_folder(folder, _input_dir())
-    return data_files.scan_folder(root, num_repeats=num_repeats)
+    records = data_files.scan_folder(_dataset_root(folder), num_repeats=num_repeats)
+    paths.check_files_inside([r.path for r in records], "folder")
+    return records
+
+
+def _cache_root(cache_dir) -> Path:
+    if not (cache_dir or "").strip():
+        return paths.output_subfolder(CACHE_FOLDER, input_name="cache_dir")
+    return paths.cache_folder(cache_dir)
+
+
+def _check_run_name(run_name) -> None:
+    if not isinstance(run_name, str) or not _RUN_NAME.match(run_name):
+        raise paths.PathRefused(
+            f"run_name: {run_name!r} must be 1-100 letters, digits, '.', '_' or '-' (it names a folder)"
+        )
 
 
 def _choice_error(values: dict, choices: dict) -> str | None:
@@ -132,13 +153,17 @@ class LTDataset(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, folder, system_prompt):
+    @checked_validation
+    def validate_inputs(cls, folder, system_prompt, cache_dir=None):
         error = _choice_error({"system_prompt": system_prompt}, {"system_prompt": cfg.SYSTEM_PROMPTS})
         if error:
             return error
         try:
-            _scan(folder)
-        except data_files.DatasetError as exc:
+            if folder is not None:  # linked: checked in execute
+                _scan(folder)
+            if cache_dir is not None:
+                _cache_root(cache_dir)
+        except ValueError as exc:  # DatasetError, PathRefused
             return str(exc)
         return True
 
@@ -147,10 +172,11 @@ class LTDataset(io.ComfyNode):
         # Re-run when images or captions change, even though the widget values did not.
         try:
             return data_files.folder_fingerprint(_scan(folder, num_repeats))
-        except data_files.DatasetError as exc:
+        except ValueError as exc:  # DatasetError, PathRefused: execute reports it
             return str(exc)
 
     @classmethod
+    @checked_execution
     def execute(
         cls,
         folder,
@@ -168,10 +194,8 @@ class LTDataset(io.ComfyNode):
         import comfy.model_management
         import comfy.utils
 
-        root = data_files.resolve_folder(folder, _input_dir())
-        cache_root = (
-            Path(cache_dir) if cache_dir.strip() else Path(folder_paths.get_output_directory()) / CACHE_FOLDER
-        )
+        records = _scan(folder, num_repeats)
+        cache_root = _cache_root(cache_dir)
         bar = None
 
         def progress(done, total):
@@ -180,9 +204,8 @@ class LTDataset(io.ComfyNode):
             bar.update_absolute(done, total)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
-        dataset = build_from_folder(
-            root,
-            num_repeats=num_repeats,
+        dataset = build_dataset(
+            records,
             vae=vae,
             clip=clip,
             cache_root=cache_root,
@@ -482,6 +505,7 @@ class LTLoraTrainer(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(
         cls,
         run_name,
@@ -504,11 +528,9 @@ class LTLoraTrainer(io.ComfyNode):
         error = _choice_error(values, COMBOS) or optim.missing_package(optimizer)
         if error:
             return error
-        if not _RUN_NAME.match(run_name or ""):
-            return (
-                f"run_name: {run_name!r} must be 1-100 letters, digits, '.', '_' or '-' (it names a folder)"
-            )
         try:
+            if run_name is not None:  # linked: checked in execute
+                _check_run_name(run_name)
             widgets = cfg.TrainConfig(
                 gradient_checkpointing=gradient_checkpointing, blocks_to_swap=blocks_to_swap
             )
@@ -517,18 +539,20 @@ class LTLoraTrainer(io.ComfyNode):
                 cfg.validate(widgets, "LTLoraTrainer"),
                 reserved=set(WIDGETS.values()) | DATASET_FIELDS,
             )
-        except cfg.ConfigError as exc:
+        except (cfg.ConfigError, paths.PathRefused) as exc:
             return str(exc)
         return True
 
     @classmethod
+    @checked_execution
     def execute(cls, model, dataset, run_name, advanced="", **widgets) -> io.NodeOutput:
         import comfy.model_management
         import comfy.sd
         import comfy.utils
 
+        _check_run_name(run_name)
+        run_dir = paths.output_subfolder(RUNS_FOLDER, run_name, input_name="run_name")
         config = trainer_config(widgets, advanced or "")
-        run_dir = Path(folder_paths.get_output_directory()) / RUNS_FOLDER / run_name
         node_id = cls.hidden.unique_id
         bar = comfy.utils.ProgressBar(config.max_train_steps)
 
@@ -617,6 +641,7 @@ class LTSaveLora(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, filename_prefix, save_dtype, format):  # noqa: A002 - the input's name
         error = _choice_error(
             {"save_dtype": save_dtype, "format": format},
@@ -624,17 +649,27 @@ class LTSaveLora(io.ComfyNode):
         )
         if error:
             return error
-        prefix = (filename_prefix or "").replace("\\", "/")
-        if not prefix.strip() or prefix.startswith("/") or ".." in prefix.split("/"):
-            return f"filename_prefix: {filename_prefix!r} must be a relative name inside models/loras/"
+        if filename_prefix is not None:  # linked: checked in execute
+            return _prefix_error(filename_prefix) or True
         return True
 
     @classmethod
+    @checked_execution
     def execute(cls, lora, filename_prefix, save_dtype, format) -> io.NodeOutput:  # noqa: A002
+        error = _prefix_error(filename_prefix)
+        if error:
+            raise paths.PathRefused(error)
         loras_dir = folder_paths.get_folder_paths("loras")[0]
         path = save_lora_file(lora, loras_dir, filename_prefix, dtype=save_dtype, key_format=format)
         name = os.path.relpath(path, loras_dir).replace(os.sep, "/")
         return io.NodeOutput(ui=ui.PreviewText(f"saved {name} in {loras_dir}"))
+
+
+def _prefix_error(filename_prefix) -> str | None:
+    prefix = (filename_prefix or "").replace("\\", "/")
+    if not prefix.strip() or prefix.startswith("/") or ".." in prefix.split("/") or "\x00" in prefix:
+        return f"filename_prefix: {filename_prefix!r} must be a relative name inside models/loras/"
+    return None
 
 
 NODES = [LTDataset, LTLoraTrainer, LTSaveLora]
