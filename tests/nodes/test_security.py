@@ -48,6 +48,23 @@ def _top_level(root: Path) -> set[str]:
     return {p.name for p in root.iterdir()}
 
 
+def _huge_rank_lora(path: Path) -> Path:
+    """The tiny Z-Image LoRA with one pair re-declared at a rank worth ~1.6 GB (a sparse file)."""
+    import safetensors.torch
+
+    from lumina_turbo.devtools.oversized_files import write_with_declared
+
+    tensors = safetensors.torch.load_file(str(LORAS_DIR / LORA_FILE))
+    stem = "transformer.layers.0.attention.to_q"
+    up, down = tensors.pop(f"{stem}.lora_B.weight"), tensors.pop(f"{stem}.lora_A.weight")
+    rank = 1_600_000_000 // (4 * (up.shape[0] + down.shape[1]))
+    declared = {
+        f"{stem}.lora_A.weight": ("F32", (rank, down.shape[1])),
+        f"{stem}.lora_B.weight": ("F32", (up.shape[0], rank)),
+    }
+    return write_with_declared(path, tensors, declared)
+
+
 class World:
     """The module's server, an outside folder a prompt must not reach, and what lay where at the start."""
 
@@ -59,6 +76,7 @@ class World:
         # a LoRA listed through a symlinked sub-folder of models/loras/
         (outside / "listed.safetensors").write_bytes((LORAS_DIR / LORA_FILE).read_bytes())
         self.dataset = write_concept_dataset(INPUT_DIR / TAG / "good", count=1)
+        self.huge_lora = _huge_rank_lora(LORAS_DIR / f"{TAG}_huge_rank.safetensors")
         self.links = []
         for link, target in (
             (INPUT_DIR / TAG / "escape", outside / "private_dataset"),
@@ -78,9 +96,10 @@ class World:
             "input": _top_level(INPUT_DIR),
         }
 
-    def rss(self) -> int:
+    def rss(self, field: str = "VmHWM") -> int:
+        """The server's peak resident memory (VmHWM: nothing read and freed in between is missed)."""
         for line in Path(f"/proc/{self.server.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) << 10
         raise AssertionError("no VmRSS")
 
@@ -89,6 +108,7 @@ class World:
 
         for link in self.links:
             link.unlink(missing_ok=True)
+        self.huge_lora.unlink(missing_ok=True)
         shutil.rmtree(INPUT_DIR / TAG, ignore_errors=True)
 
 
@@ -488,6 +508,29 @@ def test_huge_layer_lists_are_refused(world):
     assert_refused(world, prompt, "X", "kernel")
 
 
+def test_oversized_lora_is_refused_from_its_header(world):
+    prompt = with_preview(
+        {
+            "L": loader(),
+            "X": {
+                "class_type": "LTLoraLoader",
+                "inputs": {
+                    "model": ["L", 0],
+                    "lora_name": world.huge_lora.name,
+                    "strength_model": 1.0,
+                    "strength_clip": 1.0,
+                },
+            },
+        },
+        "X",
+        2,
+    )
+    before = world.rss()
+    with pytest.raises(PromptFailed, match=rf"{world.huge_lora.name}: expected a LoRA rank"):
+        world.server.run(prompt, timeout=240)
+    assert world.rss() - before < 300 << 20  # the declared 1.6 GB were never read
+
+
 # --- afterwards ----------------------------------------------------------------------------------
 
 
@@ -502,7 +545,9 @@ def test_server_still_serves_bounded_and_nothing_changed_outside(world):
         }
     )
     assert entry["status"]["status_str"] == "success"
-    assert world.rss() - getattr(world, "rss_start", world.rss()) < RSS_GROWTH_LIMIT
+    growth = world.rss() - world.rss_start
+    print(f"server peak RSS grew by {growth >> 20} MiB over the bad-input suite")
+    assert growth < RSS_GROWTH_LIMIT
     after = world.snapshot()
     for name, before in world.trees_before.items():
         assert after[name] == before, name
