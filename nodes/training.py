@@ -80,8 +80,9 @@ class LTDataset(io.ComfyNode):
                 io.String.Input(
                     "folder",
                     default="",
-                    tooltip="Folder under ComfyUI's input/ folder (e.g. 'my_concept') or an absolute path. "
-                    "Every image needs a .txt caption with the same name.",
+                    tooltip="Folder under ComfyUI's input/ folder (e.g. 'my_concept'); elsewhere only where "
+                    "the server allows it (LUMINA_TURBO_TRAINING_ROOTS). Every image needs a .txt caption "
+                    "with the same name.",
                 ),
                 io.Vae.Input("vae", tooltip="The VAE of the model you will train (encodes the images once)."),
                 io.Clip.Input(
@@ -142,7 +143,8 @@ class LTDataset(io.ComfyNode):
                     "cache_dir",
                     default="",
                     optional=True,
-                    tooltip=f"Cache folder; empty = ComfyUI output/{CACHE_FOLDER}/. Safe to delete any time.",
+                    tooltip=f"Cache folder under ComfyUI's output/ (or an allowed training root); empty = "
+                    f"output/{CACHE_FOLDER}/. Safe to delete any time.",
                 ),
             ],
             outputs=[
