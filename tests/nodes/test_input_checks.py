@@ -140,3 +140,23 @@ def test_lora_file_writes_stay_in_the_loras_folder(tmp_path):
     for name in ("../x", "a/b", ".hidden", "x\\y"):
         with pytest.raises(paths.PathRefused, match="^output_name: "):
             paths.plain_file_name(name, "output_name")
+
+
+def test_dataset_images_linked_from_outside_are_refused(no_opt_in, tmp_path):
+    import shutil
+    import uuid
+
+    from lumina_turbo.devtools.example_dataset import solid_image, write_image
+    from lumina_turbo.nodes.training import _scan
+
+    secret = write_image(tmp_path, "secret_picture", solid_image((1, 0, 0)), "private")
+    folder = Path(folder_paths.get_input_directory()) / f"lt_links_{uuid.uuid4().hex[:8]}"
+    try:
+        write_image(folder, "own", solid_image((0, 1, 0)), "mine")
+        (folder / "borrowed.png").symlink_to(secret)
+        (folder / "borrowed.txt").write_text("caption")
+        with pytest.raises(paths.PathRefused, match=r"^folder: 1 file\(s\) in the folder link outside") as info:
+            _scan(folder.name)
+        assert "secret_picture" not in str(info.value)
+    finally:
+        shutil.rmtree(folder)
