@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import nextdit_build, nextdit_keys
+from . import nextdit_build, nextdit_config, nextdit_keys
 from .errors import ModelFileError
 from .safetensors_io import (
     folder_tensor_infos,
@@ -174,11 +174,28 @@ def check_pairing(transformer: str | Path, text_encoder: str | Path) -> None:
         )
 
 
+def check_transformer_header(infos: dict, source: str | Path) -> None:
+    """Refuse, from the header alone, a transformer whose tensors are not exactly the keys and shapes
+    of the NextDiT its own shapes describe: an extra or oversized tensor (a header may declare gigabytes)
+    is refused before any of it is read."""
+    meta = {name: torch.empty(info.shape, dtype=info.dtype, device="meta") for name, info in infos.items()}
+    try:
+        if nextdit_keys.is_comfy_nextdit(meta):
+            meta = nextdit_keys.add_norm_final(meta)
+        else:
+            meta = nextdit_keys.diffusers_to_comfy(meta)
+        unet_config = nextdit_config.unet_config_from_state_dict(meta)
+        nextdit_config.validate_unet_config(unet_config, meta)
+    except ValueError as exc:
+        raise ModelFileError(source, "a Lumina-Image-2.0 or Z-Image transformer", str(exc)) from exc
+
+
 def load_transformer_file(path: str | Path, dtype: torch.dtype | None = None):
     """One .safetensors transformer, ComfyUI-named or diffusers-named (optionally behind an
     all-in-one checkpoint prefix) -> ComfyUI ModelPatcher."""
     prefix, infos = transformer_header(path)
     transformer_family_and_width(infos, path)
+    check_transformer_header(infos, path)
     dtype = dtype or majority_float_dtype((info.dtype, info.numel) for info in infos.values())
     names = [prefix + k for k in infos]
     state_dict = {k[len(prefix) :]: v for k, v in load_safetensors(path, dtype, names).items()}

@@ -118,6 +118,16 @@ def _refuse_bias_on_slices(modules, path):
                 )
 
 
+def check_lora_header(path, shapes=None) -> None:
+    """The file's keys, up/down pairs, ranks and (with ``shapes``) delta shapes, checked from the
+    header before any tensor is read: a foreign or oversized LoRA costs no memory to refuse."""
+    import torch
+
+    infos = read_header(path)
+    meta = {name: torch.empty(info.shape, dtype=info.dtype, device="meta") for name, info in infos.items()}
+    validate_lora(meta, parse_lora(meta), path, shapes, check_values=False)
+
+
 def apply_lora(model, clip, path, strength_model: float = 1.0, strength_clip: float = 1.0):
     """``(model clone, clip clone, LoraReport)`` with the LoRA in ``path`` applied.
 
@@ -132,9 +142,10 @@ def apply_lora(model, clip, path, strength_model: float = 1.0, strength_clip: fl
             "model: expected a Lumina-Image-2.0 / Z-Image (NextDiT) model, got "
             f"{type(getattr(model, 'model', model)).__name__}"
         )
+    shapes = target_shapes(model)
+    check_lora_header(path, shapes)
     state_dict = load_safetensors(path)
     parsed = parse_lora(state_dict)
-    shapes = target_shapes(model)
     absent = validate_lora(state_dict, parsed, path, shapes)
     _refuse_bias_on_slices(parsed.modules, path)
     report = LoraReport(str(path), layouts=parsed.layouts(), unmapped=list(parsed.unmapped))
@@ -200,6 +211,7 @@ def convert_file(src, dst, shapes=None) -> dict:
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ValueError(f"output: {dst} is the input file; choose another name")
+    check_lora_header(src, shapes)
     state_dict = load_safetensors(src)
     parsed = parse_lora(state_dict)
     absent = validate_lora(state_dict, parsed, src, shapes)

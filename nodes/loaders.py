@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..loading import model_files
 from ..loading.errors import ModelFileError
 from ..loading.safetensors_io import read_header
+from .input_checks import checked_execution, checked_validation
 
 FROM_FOLDER = "(from the diffusers folder)"
 
@@ -50,6 +51,13 @@ def loader_choices() -> dict[str, list[str]]:
         "vae": [FROM_FOLDER] + folder_paths.get_filename_list("vae"),
         "weight_dtype": list(model_files.DTYPES),
     }
+
+
+def _choice_error(values: dict) -> str | None:
+    for name, options in loader_choices().items():
+        if values[name] not in options:
+            return f"{name}: {values[name]!r} is not one of the {len(options)} available choices"
+    return None
 
 
 class LTModelLoader(io.ComfyNode):
@@ -96,9 +104,13 @@ class LTModelLoader(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, model, text_encoder, vae, weight_dtype):
         # ComfyUI 0.3.75 does not check V3 combo values itself: refuse unknown names before queueing,
         # and run the cheap file checks (headers, shard lists, tokenizer files) before any loading.
+        values = {"model": model, "text_encoder": text_encoder, "vae": vae, "weight_dtype": weight_dtype}
+        if None in values.values():
+            return True  # linked (None here): execute checks the names against the same lists
         folder = diffusers_folder_path(model)
         try:
             if folder is not None:
@@ -118,6 +130,8 @@ class LTModelLoader(io.ComfyNode):
             files = [("text_encoders", text_encoder), ("vae", vae)]
             if folder is None:
                 files.append(("diffusion_models", model))
+            if folder is None and folder_paths.get_full_path("diffusion_models", model) is None:
+                return _choice_error(values)  # neither a folder nor a file: nothing below could be checked
             paths = {}
             for kind, name in files:
                 paths[kind] = folder_paths.get_full_path(kind, name) if name != FROM_FOLDER else None
@@ -134,13 +148,10 @@ class LTModelLoader(io.ComfyNode):
                 model_files.check_pairing(transformer, encoder)
         except ModelFileError as error:
             return str(error)
-        values = {"model": model, "text_encoder": text_encoder, "vae": vae, "weight_dtype": weight_dtype}
-        for name, options in loader_choices().items():
-            if values[name] not in options:
-                return f"{name}: {values[name]!r} is not one of the {len(options)} available choices"
-        return True
+        return _choice_error(values) or True
 
     @classmethod
+    @checked_execution
     def execute(cls, model, text_encoder, vae, weight_dtype) -> io.NodeOutput:
         dtype = model_files.DTYPES[weight_dtype]
         folder = diffusers_folder_path(model)

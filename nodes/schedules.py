@@ -21,6 +21,7 @@ from ..samplers.schedules import (
     anchor_sigmas,
     sigmoid_sigmas,
 )
+from .input_checks import checked_execution, checked_validation
 from .sigma_plot import sigma_plot
 
 # Widget limits; validate_inputs enforces them too (ComfyUI skips its own min/max check for inputs
@@ -119,6 +120,7 @@ class LTSigmoidScheduler(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, steps, slope, center, denoise):
         values = {"steps": steps, "slope": slope, "center": center, "denoise": denoise}
         return _check_inputs(
@@ -126,6 +128,7 @@ class LTSigmoidScheduler(io.ComfyNode):
         )
 
     @classmethod
+    @checked_execution
     def execute(cls, steps, slope, center, denoise, model=None) -> io.NodeOutput:
         def build(shift):
             return sigmoid_sigmas(steps, slope=slope, center=center, shift=shift, denoise=denoise)
@@ -197,6 +200,7 @@ class LTAnchorScheduler(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, steps, shift, convention, denoise):
         values = {"steps": steps, "shift": shift, "convention": convention, "denoise": denoise}
         return _check_inputs(
@@ -204,6 +208,7 @@ class LTAnchorScheduler(io.ComfyNode):
         )
 
     @classmethod
+    @checked_execution
     def execute(cls, steps, shift, convention, denoise) -> io.NodeOutput:
         sigmas = anchor_sigmas(steps, shift, convention=convention, denoise=denoise)
         title = f"LTAnchorScheduler · {steps} steps · shift {shift:g} · {convention}"
@@ -239,12 +244,14 @@ class LTFlowMidpointSampler(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, final_step):
         if final_step is not None and final_step not in FINAL_STEPS:
             return f"final_step must be one of {list(FINAL_STEPS)}, got {final_step!r}"
         return True
 
     @classmethod
+    @checked_execution
     def execute(cls, final_step) -> io.NodeOutput:
         return io.NodeOutput(
             comfy.samplers.KSAMPLER(sample_flow_midpoint, extra_options={"final_step": final_step})

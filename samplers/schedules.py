@@ -18,6 +18,9 @@ ANCHOR_CONVENTIONS = ("zimage", "diffusers")
 SIGMOID_DEFAULT_SLOPE = 2.0
 SIGMOID_DEFAULT_CENTER = 0.5
 _DIFFUSERS_TRAIN_TIMESTEPS = 1000
+# Bound on the schedule actually built (steps / denoise): 100k float64 sigmas take ~1 ms and 1 MB;
+# without it steps 1000 at denoise 1e-5 built 1e8 sigmas (seconds, GBs) on the caller's thread.
+MAX_TOTAL_STEPS = 100_000
 
 
 def check_steps(steps, name: str = "steps") -> int:
@@ -63,12 +66,26 @@ def check_sigmas(sigmas: torch.Tensor, name: str = "sigmas", start: float | None
     return sigmas
 
 
+def total_steps(steps: int, denoise: float) -> int:
+    """Intervals of the full schedule that ``steps`` at ``denoise`` keeps the tail of (BasicScheduler's
+    ``int(steps / denoise)``); ValueError naming denoise when it exceeds MAX_TOTAL_STEPS."""
+    if denoise >= 1.0:
+        total = float(steps)
+    else:
+        total = steps / denoise  # a float first: int() of inf (denoise 5e-324) would overflow
+    if not total <= MAX_TOTAL_STEPS:
+        raise ValueError(
+            f"denoise {denoise!r} with {steps} steps needs a schedule of {total:.3g} steps; at most "
+            f"{MAX_TOTAL_STEPS} (use denoise >= {steps / MAX_TOTAL_STEPS:.3g} or fewer steps)"
+        )
+    return int(total)
+
+
 def _with_denoise(build, steps: int, denoise: float) -> torch.Tensor:
     # Same rule as ComfyUI's BasicScheduler: a longer schedule whose tail we keep.
     if denoise <= 0.0:
         return torch.zeros(0, dtype=torch.float32)
-    total_steps = steps if denoise >= 1.0 else int(steps / denoise)
-    return build(total_steps)[-(steps + 1) :]
+    return build(total_steps(steps, denoise))[-(steps + 1) :]
 
 
 def _pin_endpoints(sigmas: torch.Tensor) -> torch.Tensor:

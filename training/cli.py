@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import config as cfg
@@ -239,8 +241,17 @@ def _train(config: cfg.TrainConfig, options, base: Path, records) -> int:
         dtype=config.save_dtype,
         exact_path=out_dir / f"{config.output_name}.safetensors",
     )
-    last = f", final loss {result.loss_history[-1]:.5g}" if result.loss_history else ""
-    print(
-        f"saved {path} ({result.steps} steps, resumed at {result.resumed_from}{last}); checkpoint {result.checkpoint}"
-    )
+    # The LoRA is saved: nothing is left that an interrupt could protect, so a late Ctrl-C must not
+    # turn a finished run into a KeyboardInterrupt traceback (signals can be set from the main thread only).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+    try:
+        last = f", final loss {result.loss_history[-1]:.5g}" if result.loss_history else ""
+        print(
+            f"saved {path} ({result.steps} steps, resumed at {result.resumed_from}{last}); "
+            f"checkpoint {result.checkpoint}"
+        )
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return 0
