@@ -56,11 +56,15 @@ def loss_mode_defaults(mode: str) -> dict[str, float]:
     return dict(LOSS_MODES[mode])
 
 
+# Weights beyond this only overflow the loss; a bound keeps a prompt from asking for it.
+MAX_LOSS_PARAM = 1e4
+
+
 def resolve_loss_params(mode: str, params: dict | None = None) -> dict[str, float]:
     """Defaults of ``mode`` overridden by ``params``, validated.
 
     Raises ValueError naming every parameter the mode does not accept (a typo, or a parameter of
-    another mode), and any weight that is not a finite number >= 0.
+    another mode), and any value that is not a number in [0, MAX_LOSS_PARAM].
     """
     resolved = loss_mode_defaults(mode)
     params = dict(params or {})
@@ -74,9 +78,11 @@ def resolve_loss_params(mode: str, params: dict | None = None) -> dict[str, floa
             isinstance(value, bool)
             or not isinstance(value, int | float)
             or not math.isfinite(value)
-            or value < 0
+            or not 0 <= value <= MAX_LOSS_PARAM
         ):
-            raise ValueError(f"loss parameter {name!r} must be a finite number >= 0, got {value!r}")
+            raise ValueError(
+                f"loss parameter {name!r} must be a finite number >= 0 and <= {MAX_LOSS_PARAM:g}, got {value!r}"
+            )
         resolved[name] = float(value)
     if "downsample_factor" in resolved:
         resolved["downsample_factor"] = check_downsample_factor(resolved["downsample_factor"])
