@@ -155,6 +155,13 @@ SINGLE_PROCESS = Ranks()
 def launched_ranks(env: Mapping[str, str] = os.environ) -> Ranks:
     """The Ranks the launcher's environment describes (no backend chosen yet), SINGLE_PROCESS without one."""
     if "WORLD_SIZE" not in env and "RANK" not in env:
+        if env.get("ACCELERATE_MIXED_PRECISION") and env.get("MASTER_ADDR"):
+            # accelerate's simple launcher sets MASTER_ADDR only for several processes, yet starts one
+            raise DistributedSetupError(
+                "accelerate launch asked for several processes but started one without a RANK (on CPU it "
+                "needs MPI for that): use `accelerate launch --multi_gpu --num_processes N ...` (it starts N "
+                "processes, CPU ones too) or `torchrun --nproc_per_node N ...`"
+            )
         return SINGLE_PROCESS
     missing = [name for name in LAUNCHER_VARIABLES if not env.get(name)]
     if missing:
