@@ -46,6 +46,7 @@ class Ranks:
     local_rank: int = 0
     timeout_s: float = DEFAULT_TIMEOUT_S
     backend: str = ""  # "" = no process group
+    device: str = "cpu"  # where this backend's collectives take tensors (NCCL: this rank's GPU)
 
     @property
     def is_main(self) -> bool:
@@ -56,9 +57,10 @@ class Ranks:
     def grouped(self) -> bool:
         return bool(self.backend)
 
-    def share(self, count: int) -> range:
-        """This rank's contiguous part of ``count`` planned samples (parts differ by at most one)."""
-        return range(self.rank * count // self.world_size, (self.rank + 1) * count // self.world_size)
+    def share(self, count: int, rank: int | None = None) -> range:
+        """This (or ``rank``'s) contiguous part of ``count`` planned samples (parts differ by at most one)."""
+        rank = self.rank if rank is None else rank
+        return range(rank * count // self.world_size, (rank + 1) * count // self.world_size)
 
     # ----- collectives -----------------------------------------------------------------------------
     def _collective(self, what: str, call: Callable):
@@ -88,6 +90,20 @@ class Ranks:
         gathered = [None] * self.world_size
         self._collective(what, lambda: dist.all_gather_object(gathered, value))
         return gathered
+
+    def all_gather_tensor(self, value: torch.Tensor, what: str, sizes: list[int] | None = None) -> list:
+        """[rank 0's 1-D ``value``, rank 1's, ...] on the CPU, in one collective; ``sizes``: each rank's
+        element count when they differ (all equal to this one's when None)."""
+        if not self.grouped:
+            return [value]
+        import torch.distributed as dist
+
+        sizes = sizes or [value.numel()] * self.world_size
+        padded = torch.zeros(max(sizes), dtype=value.dtype, device=self.device)
+        padded[: value.numel()] = value.reshape(-1)
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        self._collective(what, lambda: dist.all_gather(gathered, padded))
+        return [tensor[:size].cpu() for tensor, size in zip(gathered, sizes, strict=True)]
 
     def broadcast_object(self, value, what: str):
         """Rank 0's ``value`` on every rank."""
@@ -223,7 +239,8 @@ def start(env: Mapping[str, str] = os.environ) -> Ranks:
             f"could not join the process group at {env['MASTER_ADDR']}:{env['MASTER_PORT']} as rank "
             f"{ranks.rank} of {ranks.world_size} ({type(exc).__name__}: {_first_line(exc)})"
         ) from exc
-    return Ranks(ranks.rank, ranks.world_size, ranks.local_rank, ranks.timeout_s, backend)
+    collectives_device = str(device) if backend == "nccl" else "cpu"
+    return Ranks(ranks.rank, ranks.world_size, ranks.local_rank, ranks.timeout_s, backend, collectives_device)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -184,7 +184,7 @@ class LoraTrainer:
         optimizer change only in that step): every rank's generator state, gathered here so that writing
         a checkpoint, even on an interrupt, needs no other process."""
         self._snapshot = {
-            "generators": self.ranks.all_gather_object(
+            "generators": self.ranks.all_gather_tensor(
                 self.generator.get_state(), "gathering the RNG states"
             ),
             "replay": self.replay.state_dict(),
@@ -401,9 +401,12 @@ class LoraTrainer:
             losses[members] = per_sample.detach().float().cpu()
             flows[members] = flow.float().cpu()
         # every rank records every sample, so the replay buffers (and the verdict below) stay equal
-        shares = self.ranks.all_gather_object((losses, flows), "gathering the per-sample losses")
-        losses = torch.cat([share[0] for share in shares])
-        flows = torch.cat([share[1] for share in shares])
+        sizes = [2 * len(self.ranks.share(batch, rank)) for rank in range(self.ranks.world_size)]
+        shares = self.ranks.all_gather_tensor(
+            torch.cat([losses, flows]), "gathering the per-sample losses", sizes
+        )
+        losses = torch.cat([share[: len(share) // 2] for share in shares])
+        flows = torch.cat([share[len(share) // 2 :] for share in shares])
         if not torch.isfinite(losses).all():
             self._diverged(f"the loss is {losses.tolist()}")
         self.replay.record(
