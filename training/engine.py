@@ -170,6 +170,7 @@ class LoraTrainer:
         self.loss_history: list[float] = []
         self.lr_history: list[float] = []
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self._latent_shapes: dict[int, tuple[int, ...]] = {}
         self._phase = "idle"  # idle | accumulating | updating
         self._snapshot: dict | None = None
         self.identity = {
@@ -308,6 +309,12 @@ class LoraTrainer:
                 sample.drop_caption = drop
         return samples
 
+    def _latent_shape(self, index: int) -> tuple[int, ...]:
+        """[1, C, h, w] of item ``index``; remembered, so other ranks' samples cost no file reads."""
+        if index not in self._latent_shapes:
+            self._latent_shapes[index] = (1, *self.dataset.latent(index).shape)
+        return self._latent_shapes[index]
+
     # ----- model ---------------------------------------------------------------------------------
     def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         base = self.patcher.model
@@ -329,14 +336,14 @@ class LoraTrainer:
         mine = self.ranks.share(len(samples))
         prepared = []
         for position, sample in enumerate(samples):
-            latent = self.dataset.latent(sample.index)[None].float()
-            noise = torch.randn(latent.shape, generator=self.generator)
+            shape = self._latent_shape(sample.index)
+            noise = torch.randn(shape, generator=self.generator)
             jitter = None
             if self.config.latent_jitter_scale > 0:
-                jitter = torch.randn(latent.shape, generator=self.generator) * self.config.latent_jitter_scale
+                jitter = torch.randn(shape, generator=self.generator) * self.config.latent_jitter_scale
             if position not in mine:
                 continue
-            x0 = self.patcher.model.process_latent_in(latent)
+            x0 = self.patcher.model.process_latent_in(self.dataset.latent(sample.index)[None].float())
             cond = self.dataset.text(None if sample.drop_caption else sample.index)[None]
             prepared.append(Prepared(sample, x0, noise, jitter, cond))
         return prepared
