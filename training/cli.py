@@ -194,46 +194,42 @@ def _train(config: cfg.TrainConfig, options, base: Path, records) -> int:
 
 
 def _build_dataset(config: cfg.TrainConfig, records, vae, clip, cache_root: Path, ranks, bar):
-    """Encode what the cache lacks (each rank its own share of the records), wait for every share,
-    then read the whole dataset from the cache."""
+    """Each rank encodes its share of what the cache lacks; once all shares are written the dataset
+    (paths only) is complete on every rank. Returns it and the run's stats (summed over the ranks)."""
     import torch
 
-    from .dataset import build_dataset
+    from .dataset import build_dataset, prompt_text
 
-    def build(share):
-        with torch.inference_mode():
-            return build_dataset(
-                share,
-                vae=vae,
-                clip=clip,
-                cache_root=cache_root,
-                resolution=config.resolution,
-                bucket_step=config.bucket_step,
-                enable_bucket=config.enable_bucket,
-                max_aspect_ratio=config.max_aspect_ratio,
-                caption_dropout_rate=config.caption_dropout_rate,
-                max_sequence_length=config.max_sequence_length,
-                system_prompt=config.system_prompt,
-                progress=lambda done, total: (
-                    bar.update(done - bar.n) if bar.total == total else bar.reset(total)
-                ),
-            )
-
-    mine = build(records[ranks.rank :: ranks.world_size])
+    with torch.inference_mode():
+        dataset = build_dataset(
+            records,
+            vae=vae,
+            clip=clip,
+            cache_root=cache_root,
+            resolution=config.resolution,
+            bucket_step=config.bucket_step,
+            enable_bucket=config.enable_bucket,
+            max_aspect_ratio=config.max_aspect_ratio,
+            caption_dropout_rate=config.caption_dropout_rate,
+            max_sequence_length=config.max_sequence_length,
+            system_prompt=config.system_prompt,
+            progress=lambda done, total: bar.update(done - bar.n) if bar.total == total else bar.reset(total),
+            share=(ranks.rank, ranks.world_size),
+        )
     if ranks.world_size == 1:
-        return mine, mine.stats
+        return dataset, dataset.stats
     ranks.barrier("waiting for the other processes' share of the data cache")
-    dataset = build(records)
-    encoded = ranks.all_gather_object(
-        (mine.stats["latents_encoded"], mine.stats["texts_encoded"]), "counting the encoded items"
-    )
-    latents, texts = sum(e[0] for e in encoded), sum(e[1] for e in encoded)
+    mine = torch.tensor([dataset.stats["latents_encoded"], dataset.stats["texts_encoded"]])
+    encoded = torch.stack(ranks.all_gather_tensor(mine, "counting the encoded items")).sum(0).tolist()
+    prompts = {prompt_text(r.caption, config.system_prompt) for r in records} | {
+        prompt_text("", config.system_prompt)
+    }
     stats = {
         **dataset.stats,
-        "latents_encoded": latents,
-        "latents_cached": dataset.stats["images"] - latents,
-        "texts_encoded": texts,
-        "texts_cached": max(0, dataset.stats["texts_cached"] + dataset.stats["texts_encoded"] - texts),
+        "latents_encoded": encoded[0],
+        "latents_cached": dataset.stats["images"] - encoded[0],
+        "texts_encoded": encoded[1],
+        "texts_cached": len(prompts) - encoded[1],
     }
     return dataset, stats
 

@@ -88,7 +88,7 @@ def test_two_processes_train_like_one_with_twice_the_batch(two_and_one):
     )
     assert two_state["world_size"] == 2 and len(two_state["generators"]) == 2
     # the data cache was encoded once, split between the ranks; the single process only read it
-    assert "5 images, latents 5 encoded / 0 cached" in two_done.stdout
+    assert "5 images, latents 5 encoded / 0 cached, captions 3 encoded / 0 cached" in two_done.stdout
     assert (
         len(list((root / "cache").rglob("*.safetensors"))) == 5 + 3
     )  # 5 latents, 2 captions + the empty one
