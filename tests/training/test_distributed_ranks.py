@@ -55,3 +55,21 @@ def test_one_process_collectives_are_the_identity():
     SINGLE_PROCESS.check_same("configs", {"a": 1})
     SINGLE_PROCESS.barrier("x")
     assert list(SINGLE_PROCESS.share(5)) == [0, 1, 2, 3, 4]
+
+
+def test_epochs_count_global_batches():
+    """num_train_epochs means the same with N processes x batch b as with 1 process x batch N*b."""
+    from lumina_turbo.training.config import TrainConfig
+    from lumina_turbo.training.engine import total_steps
+
+    class TenItems:
+        def batches_per_epoch(self, batch_size):
+            return -(-10 // batch_size)
+
+    per_process = TrainConfig(num_train_epochs=3, batch_size=2, gradient_accumulation_steps=1)
+    assert (
+        total_steps(per_process, TenItems(), 2)
+        == total_steps(per_process.replace(batch_size=4), TenItems())
+        == 9
+    )
+    assert total_steps(per_process, TenItems()) == 15
