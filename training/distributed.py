@@ -66,7 +66,7 @@ class Ranks:
     def _collective(self, what: str, call: Callable):
         try:
             return call()
-        except Exception as exc:  # noqa: BLE001 - gloo/NCCL report a lost peer as several error types
+        except Exception as exc:  # gloo/NCCL report a lost peer as several error types
             raise ProcessLost(
                 f"process {self.rank} of {self.world_size}: another process stopped or did not answer within "
                 f"{self.timeout_s:g} s while {what} ({type(exc).__name__}: {_first_line(exc)})"
@@ -234,7 +234,7 @@ def start(env: Mapping[str, str] = os.environ) -> Ranks:
         options["device_id"] = device
     try:
         dist.init_process_group(**options)
-    except Exception as exc:  # noqa: BLE001 - rendezvous failures come as several error types
+    except Exception as exc:  # rendezvous failures come as several error types
         raise DistributedSetupError(
             f"could not join the process group at {env['MASTER_ADDR']}:{env['MASTER_PORT']} as rank "
             f"{ranks.rank} of {ranks.world_size} ({type(exc).__name__}: {_first_line(exc)})"
