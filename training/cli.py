@@ -17,7 +17,6 @@ process trains batch_size samples of every step (see training/distributed.py), r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import signal
 import sys
@@ -247,7 +246,7 @@ def _train_on_ranks(config: cfg.TrainConfig, options, base: Path, records, ranks
     from .save import save_lora_file
 
     quiet = not ranks.is_main  # rank 0 alone prints and writes
-    ranks.check_same("configs", dataclasses.asdict(config))
+    ranks.check_same("configs", config.model_dump())
     if records is None:
         records = dataset_records(config, base)
     samples = sum(record.repeats for record in records)
