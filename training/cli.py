@@ -46,8 +46,11 @@ def find_comfyui(explicit: str | None) -> Path:
 
 
 def bootstrap_comfyui(root: Path, cpu: bool) -> None:
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    # ComfyUI's folder first: its top-level modules (nodes, utils, server) must win over any folder of
+    # the same name earlier on sys.path (this pack's own nodes/ when run from its folder).
+    if str(root) in sys.path:
+        sys.path.remove(str(root))
+    sys.path.insert(0, str(root))
     import torch
     import utils.extra_config  # noqa: F401  (ComfyUI's utils package must win over comfy/utils.py)
     from comfy.cli_args import args
