@@ -356,7 +356,12 @@ def validate(config: TrainConfig, origin: str = "config") -> TrainConfig:
         "cache_dir",
     ):
         _str(config, origin, name)
-    _choice(config, origin, "weight_dtype", ("default", "fp32", "bf16", "fp16"))
+    _choice(
+        config,
+        origin,
+        "weight_dtype",
+        ("default", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"),
+    )
     _choice(config, origin, "save_dtype", ("bf16", "fp16", "fp32"))
     _int(config, origin, "turbo_steps", 1, 1000)
     _float(config, origin, "shift", 0, open_min=True)

@@ -23,7 +23,7 @@ FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "transformer": ((_MODEL,), "transformer: a diffusers folder or a .safetensors file"),
     "text_encoder": ((_MODEL,), "text encoder file (or empty: the diffusers folder's)"),
     "vae": ((_MODEL,), "VAE file (or empty: the diffusers folder's)"),
-    "weight_dtype": ((_MODEL,), "default | fp32 | bf16 | fp16"),
+    "weight_dtype": ((_MODEL,), "default | fp32 | bf16 | fp16 | fp8_e4m3fn | fp8_e4m3fn_fast | fp8_e5m2"),
     "output_dir": ((_MODEL,), "where the LoRA is written (default: ComfyUI's models/loras)"),
     "output_name": ((_MODEL,), "LoRA file name without extension"),
     "save_dtype": ((_MODEL,), "bf16 | fp16 | fp32"),
