@@ -21,6 +21,19 @@ def quantize(weight: torch.Tensor, dtype=torch.float8_e4m3fn) -> tuple[torch.Ten
     return (weight.float() / scale).to(dtype), scale.reshape(())
 
 
+def _write(tensors: dict, is_linear_weight, target, other_dtype, fp8_dtype) -> Path:
+    import safetensors.torch
+
+    out = {"scaled_fp8": torch.empty(0, dtype=fp8_dtype)}
+    for key, tensor in tensors.items():
+        if is_linear_weight(key):
+            out[key], out[key[: -len("weight")] + "scale_weight"] = quantize(tensor, fp8_dtype)
+        else:
+            out[key] = tensor.to(other_dtype) if tensor.is_floating_point() else tensor
+    safetensors.torch.save_file(out, str(target))
+    return Path(target)
+
+
 def write_scaled_fp8(
     source: str | Path, target: str | Path, other_dtype=torch.bfloat16, fp8_dtype=torch.float8_e4m3fn
 ) -> Path:
@@ -31,12 +44,19 @@ def write_scaled_fp8(
 
     tensors = safetensors.torch.load_file(str(source))
     linears = nextdit_config.linear_modules(nextdit_config.unet_config_from_state_dict(tensors))
-    out = {"scaled_fp8": torch.empty(0, dtype=fp8_dtype)}
-    for key, tensor in tensors.items():
-        module = key.rsplit(".", 1)[0]
-        if module in linears and key.endswith(".weight"):
-            out[key], out[f"{module}.scale_weight"] = quantize(tensor, fp8_dtype)
-        else:
-            out[key] = tensor.to(other_dtype) if tensor.is_floating_point() else tensor
-    safetensors.torch.save_file(out, str(target))
-    return Path(target)
+
+    def is_linear_weight(key):
+        return key.endswith(".weight") and key.rsplit(".", 1)[0] in linears
+
+    return _write(tensors, is_linear_weight, target, other_dtype, fp8_dtype)
+
+
+def write_scaled_fp8_text_encoder(
+    source: str | Path, target: str | Path, other_dtype=torch.bfloat16, fp8_dtype=torch.float8_e4m3fn
+) -> Path:
+    """``source``: an HF-named Gemma-2 / Qwen3 text encoder file; its attention and MLP projections
+    (the Linear layers of ComfyUI's Llama-style models) become scaled fp8."""
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(str(source))
+    return _write(tensors, lambda key: key.endswith("_proj.weight"), target, other_dtype, fp8_dtype)

@@ -170,7 +170,7 @@ def text_encoder_names(sd: dict) -> dict:
     without the ``model.`` prefix."""
     if any(k.startswith("model.") for k in sd):
         return sd
-    return {(k if k == "spiece_model" else f"model.{k}"): v for k, v in sd.items()}
+    return {(k if k in ("spiece_model", fp8.MARKER) else f"model.{k}"): v for k, v in sd.items()}
 
 
 def check_pairing(transformer: str | Path, text_encoder: str | Path) -> None:

@@ -18,7 +18,7 @@ from test_nextdit_parity import CAP_LEN, make_inputs, rel_err
 
 from lumina_turbo.devtools import tiny_factory
 from lumina_turbo.devtools.harness import PromptFailed, graph
-from lumina_turbo.devtools.scaled_fp8 import write_scaled_fp8
+from lumina_turbo.devtools.scaled_fp8 import write_scaled_fp8, write_scaled_fp8_text_encoder
 from lumina_turbo.devtools.training_support import one_thread  # noqa: F401 (autouse: one torch thread)
 
 FROM_FOLDER = "(from the diffusers folder)"
@@ -62,14 +62,27 @@ def sampling_prompt(inputs):
         seed=4, steps=2, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0,
     )  # fmt: skip
     g.node("SaveLatent", samples=sampled.out(0), filename_prefix="fp8")
-    return g.finalize(), loader.id
+    return g.finalize(), {"loader": loader.id, "cond": cond.id}
 
 
-def load_and_sample(comfy_host, inputs):
-    """Run :func:`sampling_prompt`; returns (the loader's MODEL, the sampled latent)."""
-    prompt, loader_id = sampling_prompt(inputs)
+def output(comfy_host, node_id, index=0):
+    """Output ``index`` of a node of the last prompt (from the executor's cache)."""
+    return comfy_host.executor.caches.outputs.get(node_id).outputs[index][0]
+
+
+def load_and_sample(comfy_host, inputs, with_cond=False):
+    """Run :func:`sampling_prompt`; returns (the loader's MODEL, the sampled latent[, the conditioning,
+    the loader's CLIP])."""
+    prompt, ids = sampling_prompt(inputs)
     outputs = comfy_host.run(prompt)
-    model = comfy_host.executor.caches.outputs.get(loader_id).outputs[0][0]
+    model = output(comfy_host, ids["loader"])
+    if with_cond:
+        return (
+            model,
+            comfy_host.latent(outputs),
+            output(comfy_host, ids["cond"])[0][0],
+            output(comfy_host, ids["loader"], 1),
+        )
     return model, comfy_host.latent(outputs)
 
 
@@ -227,7 +240,7 @@ def no_fp8_storage(comfy_host, monkeypatch):
 
 
 def test_fp8_choice_refused_before_queueing_where_fp8_cannot_be_stored(comfy_host, no_fp8_storage):
-    prompt, _loader_id = sampling_prompt(loader_inputs("zimage", "folder", "fp8_e5m2"))
+    prompt, _ids = sampling_prompt(loader_inputs("zimage", "folder", "fp8_e5m2"))
     valid, error, _outputs, node_errors = comfy_host.validate(prompt)
     assert not valid
     message = str(node_errors)
@@ -241,3 +254,54 @@ def test_fp8_file_refused_where_fp8_cannot_be_stored(
     path = write_scaled_fp8(source, diffusion_models_root / "lumina2-scaled-fp8.safetensors")
     assert_load_refused(comfy_host, loader_inputs("lumina2", "single", "default", model=path.name),
                         path, "cannot store torch.float8_e4m3fn weights")  # fmt: skip
+
+
+# ---------------------------------------------------------------- text encoders: as ComfyUI loads them
+
+
+@pytest.fixture
+def text_encoders_root(tmp_path, comfy_host):
+    import folder_paths
+
+    root = tmp_path / "text_encoders"
+    root.mkdir()
+    folder_paths.add_model_folder_path("text_encoders", str(root))
+    yield root
+    folder_paths.folder_names_and_paths["text_encoders"][0].remove(str(root))
+
+
+def fp8_text_encoder(tiny_models, root, family):
+    """Every floating tensor of the tiny text encoder stored in fp8 e4m3fn, no scales."""
+    tensors = safetensors.torch.load_file(str(tiny_models / tiny_factory.file_names(family)["text_encoder"]))
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in tensors.items()}
+    path = root / f"{family}-te-fp8.safetensors"
+    safetensors.torch.save_file(fp8, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["scaled_fp8", "fp8"])
+@pytest.mark.parametrize("family", tiny_factory.FAMILIES)
+def test_fp8_text_encoder_files(comfy_host, tiny_models, text_encoders_root, family, kind):
+    """Scaled-fp8 text encoders (both families) and fp8 Qwen3 load as ComfyUI loads them: fp8 projections,
+    conditioning near the fp32 encoder's (max-abs error / max |cond| <= 0.2). A Gemma-2 with fp8 norms,
+    which ComfyUI's Gemma-2 cannot run, is refused naming the file and the tensor."""
+    source = tiny_models / tiny_factory.file_names(family)["text_encoder"]
+    if kind == "scaled_fp8":
+        path = write_scaled_fp8_text_encoder(source, text_encoders_root / f"{family}-te-scaled.safetensors")
+    else:
+        path = fp8_text_encoder(tiny_models, text_encoders_root, family)
+    inputs = {**loader_inputs(family, "single", "default"), "text_encoder": path.name}
+    if family == "lumina2" and kind == "fp8":
+        assert_load_refused(comfy_host, inputs, path, "Gemma-2 norm weights in bf16, fp16 or fp32",
+                            "model.layers.0.input_layernorm.weight is torch.float8_e4m3fn")  # fmt: skip
+        return
+    _, _, reference, _ = load_and_sample(
+        comfy_host, loader_inputs(family, "single", "default"), with_cond=True
+    )
+    _, latent, cond, clip = load_and_sample(comfy_host, inputs, with_cond=True)
+    assert torch.isfinite(latent).all() and cond.shape == reference.shape
+    assert rel_err(cond, reference) <= 0.2
+    weights = clip.cond_stage_model.state_dict()
+    (q_proj,) = [k for k in weights if k.endswith("layers.0.self_attn.q_proj.weight")]
+    assert weights[q_proj].dtype == torch.float8_e4m3fn
+    assert (q_proj[: -len("weight")] + "scale_weight" in weights) == (kind == "scaled_fp8")
