@@ -4,7 +4,7 @@ Tensors are read with positioned reads straight into freshly allocated memory (b
 on a few threads), not through a memory map: pages of a mapped file count in the process's resident
 memory for as long as any tensor views them, so a mapped load followed by a copy into the model
 holds it twice (what ComfyUI's own loader does). Here each tensor's bytes are in memory once (plus
-one tensor while its dtype is converted), and a folder's shards are read one after another into
+a few small chunks while its dtype is converted), and a folder's shards are read one after another into
 one dict. (The format is little-endian, like every machine ComfyUI runs on.)
 """
 
@@ -24,6 +24,7 @@ from .errors import ModelFileError
 
 READ_THREADS = 4  # like a parallel copy: page faults and copies of big tensors spread over cores
 READ_CHUNK = 16 << 20
+CONVERT_CHUNK = 4 << 20  # stored bytes converted at a time (per read thread) when the dtype changes
 HAS_PREADV = hasattr(os, "preadv")  # not on Windows: there tensors are read one after another
 DTYPES = {
     "F64": torch.float64,
@@ -115,11 +116,39 @@ def _read_tensor(f, info: TensorInfo, pool: ThreadPoolExecutor | None) -> torch.
     return buffer.view(info.dtype).reshape(info.shape)
 
 
+def _read_converted(f, info: TensorInfo, dtype: torch.dtype, pool: ThreadPoolExecutor | None) -> torch.Tensor:
+    """The tensor in ``dtype``, converted chunk by chunk as it is read: a narrower result (fp8 from bf16)
+    never holds the whole tensor in its stored dtype as well."""
+    out = torch.empty(info.shape, dtype=dtype)
+    flat = out.view(-1)
+    itemsize = torch.empty((), dtype=info.dtype).element_size()
+    per_chunk = max(1, CONVERT_CHUNK // itemsize)
+    inference = (
+        torch.is_inference_mode_enabled()
+    )  # the executor loads under inference_mode: so do the threads
+
+    def convert(first: int) -> None:
+        count = min(per_chunk, info.numel - first)
+        buffer = torch.empty(count * itemsize, dtype=torch.uint8)
+        _pread_into(f, memoryview(buffer.numpy()), info.start + first * itemsize)
+        with torch.inference_mode(inference):
+            flat[first : first + count].copy_(buffer.view(info.dtype))
+
+    starts = range(0, info.numel, per_chunk)
+    if pool is None or len(starts) < 2:
+        for first in starts:
+            convert(first)
+    else:
+        for job in [pool.submit(convert, first) for first in starts]:
+            job.result()
+    return out
+
+
 def iter_safetensors(
     path: str | Path, dtype: torch.dtype | None = None, names: Collection[str] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs in file order, only ``names`` if given; floating tensors converted to
-    ``dtype`` one at a time."""
+    ``dtype`` while they are read."""
     path = Path(path)
     infos = read_header(path)
     if names is not None:
@@ -131,10 +160,10 @@ def iter_safetensors(
             ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool,
         ):
             for name, info in sorted(infos.items(), key=lambda item: item[1].start):
-                tensor = _read_tensor(f, info, pool)
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                    tensor = tensor.to(dtype)
-                yield name, tensor
+                if dtype is not None and info.dtype.is_floating_point and info.dtype != dtype:
+                    yield name, _read_converted(f, info, dtype, pool)
+                else:
+                    yield name, _read_tensor(f, info, pool)
     except OSError as exc:
         raise ModelFileError(path, "a complete, readable .safetensors file", str(exc)) from exc
 

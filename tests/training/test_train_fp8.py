@@ -238,3 +238,18 @@ def test_fp8_matmul_layers_train_through_the_cast(concept, tmp_path, monkeypatch
         with pytest.raises(RuntimeError, match="automatic differentiation"):
             qkv(x)  # ComfyUI's fp8 matmul path, unpatched
     assert_same_run(reference, engine.LoraTrainer(config, model, concept).run())
+
+
+def test_cli_model_weight_dtype_fp8(tmp_path, tiny_models):
+    """[model] weight_dtype takes the loader's fp8 choices; the CLI's model then holds fp8 weights."""
+    from lumina_turbo.training import cli
+    from lumina_turbo.training import config as cfg
+
+    tiny_family("lumina2")  # ComfyUI imported, its models/ folders known
+    config = cfg.config_from_flat(
+        {"transformer": MODEL, "text_encoder": TE, "vae": VAE, "weight_dtype": "fp8_e5m2"}, origin="test"
+    )
+    model, _clip, _vae = cli.load_models(config, tmp_path)
+    assert {t.dtype for t in model.model.diffusion_model.state_dict().values()} == {torch.float8_e5m2}
+    with pytest.raises(cfg.ConfigError, match="weight_dtype"):
+        cfg.config_from_flat({"weight_dtype": "fp8_e4m3"}, origin="test")
