@@ -45,7 +45,7 @@ def choice_problem(name: str, device=None) -> str | None:
     if name not in FP8_CHOICES:
         return None
     if FP8_CHOICES[name] is None:
-        return f"{name} needs fp8 tensors, which torch {torch.__version__} does not have"
+        return f"{name} needs fp8 tensors, which torch {torch.__version__} does not have; choose bf16 or fp16"
     problem = storage_problem(FP8_CHOICES[name], device)
     return f"{name}: {problem}; choose bf16 or fp16" if problem else None
 

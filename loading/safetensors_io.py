@@ -24,7 +24,7 @@ from .errors import ModelFileError
 
 READ_THREADS = 4  # like a parallel copy: page faults and copies of big tensors spread over cores
 READ_CHUNK = 16 << 20
-CONVERT_CHUNK = 4 << 20  # stored bytes converted at a time (per read thread) when the dtype changes
+CONVERT_CHUNK = 4 << 20  # stored bytes converted at a time when the dtype changes
 HAS_PREADV = hasattr(os, "preadv")  # not on Windows: there tensors are read one after another
 DTYPES = {
     "F64": torch.float64,
@@ -116,31 +116,20 @@ def _read_tensor(f, info: TensorInfo, pool: ThreadPoolExecutor | None) -> torch.
     return buffer.view(info.dtype).reshape(info.shape)
 
 
-def _read_converted(f, info: TensorInfo, dtype: torch.dtype, pool: ThreadPoolExecutor | None) -> torch.Tensor:
+def _read_converted(f, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
     """The tensor in ``dtype``, converted chunk by chunk as it is read: a narrower result (fp8 from bf16)
-    never holds the whole tensor in its stored dtype as well."""
+    never holds the whole tensor in its stored dtype as well. One thread: chunks freed by other
+    threads would stay in their malloc arenas, counted in the process's memory."""
     out = torch.empty(info.shape, dtype=dtype)
     flat = out.view(-1)
     itemsize = torch.empty((), dtype=info.dtype).element_size()
     per_chunk = max(1, CONVERT_CHUNK // itemsize)
-    inference = (
-        torch.is_inference_mode_enabled()
-    )  # the executor loads under inference_mode: so do the threads
-
-    def convert(first: int) -> None:
+    buffer = torch.empty(min(per_chunk, info.numel) * itemsize, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    for first in range(0, info.numel, per_chunk):
         count = min(per_chunk, info.numel - first)
-        buffer = torch.empty(count * itemsize, dtype=torch.uint8)
-        _pread_into(f, memoryview(buffer.numpy()), info.start + first * itemsize)
-        with torch.inference_mode(inference):
-            flat[first : first + count].copy_(buffer.view(info.dtype))
-
-    starts = range(0, info.numel, per_chunk)
-    if pool is None or len(starts) < 2:
-        for first in starts:
-            convert(first)
-    else:
-        for job in [pool.submit(convert, first) for first in starts]:
-            job.result()
+        _pread_into(f, view[: count * itemsize], info.start + first * itemsize)
+        flat[first : first + count].copy_(buffer[: count * itemsize].view(info.dtype))
     return out
 
 
@@ -163,7 +152,7 @@ def iter_safetensors(
             for name, info in sorted(infos.items(), key=lambda item: item[1].start):
                 if dtype is not None and info.dtype.is_floating_point and info.dtype != dtype:
                     converted = True
-                    yield name, _read_converted(f, info, dtype, pool)
+                    yield name, _read_converted(f, info, dtype)
                 else:
                     yield name, _read_tensor(f, info, pool)
     except OSError as exc:
@@ -173,8 +162,8 @@ def iter_safetensors(
 
 
 def _return_freed_heap() -> None:
-    """Hand the conversion chunks' freed memory back to the OS: glibc keeps freed blocks of a few MB in
-    the read threads' arenas, where they would count in the process's memory for as long as it runs."""
+    """Hand freed heap memory back to the OS after a conversion: glibc keeps some of the freed chunks and
+    temporaries, which would count in the process's memory for as long as it runs."""
     try:
         import ctypes
 
