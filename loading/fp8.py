@@ -9,6 +9,8 @@ marker (fp8 Linear weights, each with a ``scale_weight``: the real weight is ``w
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # weight_dtype choices of ComfyUI's UNETLoader, in its order; "_fast" also multiplies in fp8 where
@@ -51,12 +53,12 @@ def choice_problem(name: str, device=None) -> str | None:
 
 
 def marker_settings(marker: torch.Tensor | None) -> tuple[torch.dtype, bool] | None:
-    """(fp8 dtype of the Linear weights, fp8_optimizations) from a ``scaled_fp8`` marker, as
-    ``comfy.model_detection.model_config_from_unet`` reads it; None without a marker."""
+    """(fp8 dtype of the Linear weights, fp8_optimizations) from a ``scaled_fp8`` marker (tensor or
+    header entry), as ``comfy.model_detection.model_config_from_unet`` reads it; None without one."""
     if marker is None:
         return None
     dtype = torch.float8_e4m3fn if marker.dtype == torch.float32 else marker.dtype
-    return dtype, marker.nelement() != 2
+    return dtype, math.prod(marker.shape) != 2
 
 
 def split_scales(state_dict: dict) -> tuple[dict, dict]:
@@ -67,12 +69,13 @@ def split_scales(state_dict: dict) -> tuple[dict, dict]:
 
 def check_scales(weights: dict, scales: dict, linear_modules: set[str], weight_dtype: torch.dtype) -> None:
     """Raise ValueError unless every Linear weight stored in fp8 has a scalar float ``scale_weight``
-    and every scale belongs to a Linear layer (what ``scaled_fp8_ops`` reads)."""
+    and every scale belongs to a Linear layer (what ``scaled_fp8_ops`` reads). Tensors or header
+    entries (anything with ``dtype`` and ``shape``), so a file can be checked before it is read."""
     for key, scale in scales.items():
         module = key.rsplit(".", 1)[0]
         if module not in linear_modules:
             raise ValueError(f"{key!r} scales {module!r}, which is not a Linear layer of the model")
-        if scale.nelement() != 1 or not scale.is_floating_point() or scale.dim() > 1:
+        if math.prod(scale.shape) != 1 or not scale.dtype.is_floating_point or len(scale.shape) > 1:
             raise ValueError(
                 f"{key!r} has shape {tuple(scale.shape)} and dtype {scale.dtype}; "
                 "expected one float per layer (shape () or (1,), as ComfyUI's scaled fp8 layers hold)"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import fp8, nextdit_build, nextdit_keys
+from . import fp8, nextdit_build, nextdit_config, nextdit_keys
 from .errors import ModelFileError
 from .safetensors_io import (
     folder_tensor_infos,
@@ -196,6 +196,26 @@ def check_pairing(transformer: str | Path, text_encoder: str | Path) -> None:
             f"hidden size {width}, the caption width of the transformer {transformer}",
             f"its hidden size is {hidden}",
         )
+
+
+def check_scaled_fp8_header(path: str | Path) -> None:
+    """A scaled-fp8 transformer file's scales checked from its header (nothing else is read); other
+    files pass. Raises ModelFileError naming the file and the scale that is missing or mis-shaped."""
+    _, infos = transformer_header(path)
+    marker = infos.pop(fp8.MARKER, None)
+    if marker is None:
+        return
+    weights, scales = fp8.split_scales(infos)
+    if not nextdit_keys.is_comfy_nextdit(weights):
+        return  # load_transformer_file explains it
+    try:
+        config = nextdit_config.unet_config_from_state_dict(weights)
+        linear_dtype, _ = fp8.marker_settings(marker)
+        fp8.check_scales(weights, scales, nextdit_config.linear_modules(config), linear_dtype)
+    except ValueError as exc:
+        raise ModelFileError(
+            path, "a Lumina-Image-2.0 or Z-Image transformer in ComfyUI's scaled fp8 format", str(exc)
+        ) from exc
 
 
 def load_transformer_file(path: str | Path, dtype: torch.dtype | None = None, fp8_optimizations=False):

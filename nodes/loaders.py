@@ -135,6 +135,8 @@ class LTModelLoader(io.ComfyNode):
             )
             if transformer is not None and encoder is not None:
                 model_files.check_pairing(transformer, encoder)
+            if folder is None and paths.get("diffusion_models") is not None:
+                model_files.check_scaled_fp8_header(paths["diffusion_models"])
         except ModelFileError as error:
             return str(error)
         problem = fp8.choice_problem(weight_dtype)

@@ -207,12 +207,26 @@ def assert_load_refused(comfy_host, inputs, *expected):
         assert str(text) in str(info.value), f"{text!r} not in {info.value}"
 
 
+def assert_refused_before_and_at_loading(comfy_host, path, *expected):
+    """Refused when the prompt is queued (from the header), and by the loader itself (for scripts)."""
+    from lumina_turbo.loading import model_files
+
+    prompt, _ids = sampling_prompt(loader_inputs("lumina2", "single", "default", model=path.name))
+    valid, _error, _outputs, node_errors = comfy_host.validate(prompt)
+    assert not valid
+    with pytest.raises(model_files.ModelFileError) as info:
+        model_files.load_transformer_file(path)
+    for message in (str(node_errors), str(info.value)):
+        for text in (path, *expected):
+            assert str(text) in message, f"{text!r} not in {message}"
+
+
 def test_scaled_fp8_file_without_a_scale(comfy_host, tiny_models, diffusion_models_root):
     path = broken_scaled_file(
         tiny_models, diffusion_models_root, lambda t: t.pop("layers.1.feed_forward.w2.scale_weight")
     )
-    assert_load_refused(comfy_host, loader_inputs("lumina2", "single", "default", model=path.name),
-                        path, "scaled fp8", "'layers.1.feed_forward.w2.scale_weight' is missing")  # fmt: skip
+    assert_refused_before_and_at_loading(comfy_host, path, "scaled fp8",
+                                         "'layers.1.feed_forward.w2.scale_weight' is missing")  # fmt: skip
 
 
 def test_scaled_fp8_file_with_a_misshaped_scale(comfy_host, tiny_models, diffusion_models_root):
@@ -221,8 +235,8 @@ def test_scaled_fp8_file_with_a_misshaped_scale(comfy_host, tiny_models, diffusi
         tensors["layers.0.attention.out.scale_weight"] = torch.ones(rows)
 
     path = broken_scaled_file(tiny_models, diffusion_models_root, per_row)
-    assert_load_refused(comfy_host, loader_inputs("lumina2", "single", "default", model=path.name),
-                        path, "'layers.0.attention.out.scale_weight' has shape", "expected one float per layer")  # fmt: skip
+    assert_refused_before_and_at_loading(comfy_host, path, "'layers.0.attention.out.scale_weight' has shape",
+                                         "expected one float per layer")  # fmt: skip
 
 
 # ---------------------------------------------------------------- fp8 where ComfyUI cannot store it
