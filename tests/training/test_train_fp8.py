@@ -253,3 +253,27 @@ def test_cli_model_weight_dtype_fp8(tmp_path, tiny_models):
     assert {t.dtype for t in model.model.diffusion_model.state_dict().values()} == {torch.float8_e5m2}
     with pytest.raises(cfg.ConfigError, match="weight_dtype"):
         cfg.config_from_flat({"weight_dtype": "fp8_e4m3"}, origin="test")
+
+
+def test_cli_trains_on_an_fp8_base(tiny_models, tmp_path):
+    """``python -m lumina_turbo.train`` with ``[model] weight_dtype = "fp8_e4m3fn"``: the LoRA it writes is
+    the engine's on the fp8 base (so the CLI and LTLoraTrainer train the same thing)."""
+    import safetensors.torch
+    from test_train_cli import TOML
+
+    from lumina_turbo.training import config as cfg
+    from lumina_turbo.training.cli import main
+    from lumina_turbo.training.dataset import build_from_folder
+
+    write_concept_dataset(tmp_path / "data", count=3)
+    toml = TOML.replace('save_dtype = "fp32"', 'save_dtype = "fp32"\nweight_dtype = "fp8_e4m3fn"')
+    (tmp_path / "t.toml").write_text(toml)
+    assert main(["--config", str(tmp_path / "t.toml")]) == 0
+    written = safetensors.torch.load_file(tmp_path / "out" / "cli_lora.safetensors")
+    _, clip, vae = tiny_family("lumina2")
+    data = build_from_folder(
+        tmp_path / "data", vae=vae, clip=clip, cache_root=tmp_path / "cache", resolution=64
+    )
+    direct = engine.LoraTrainer(cfg.load_toml(tmp_path / "t.toml"), fp8_base(), data).run()
+    assert written.keys() == direct.lora.keys()
+    assert all(torch.equal(written[k], direct.lora[k]) for k in written)
