@@ -6,7 +6,9 @@
 * Through the real executor: LTModelLoader(fp8_e4m3fn) -> LTDataset -> LTLoraTrainer -> LTSaveLora;
   the LoRA (fp32, the same keys) loads on the bf16 model with the stock LoraLoader and no warning,
   and its held-out loss (other images of the concept, fixed noise, the 8 anchor sigmas) is within
-  5 % of the same run's on a bf16 base.
+  5 % of the same run's on a bf16 base. The stock UNETLoader's fp8 MODEL trains the same LoRA.
+* Layers that multiply in fp8 (_fast, scaled-fp8 files where the GPU can) train through the cast.
+* The CLI's ``[model] weight_dtype`` takes the fp8 choices and trains on that base.
 """
 
 import logging
