@@ -7,7 +7,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..loading import model_files
+from ..loading import fp8, model_files
 from ..loading.errors import ModelFileError
 from ..loading.safetensors_io import read_header
 from .input_checks import checked_execution, checked_validation
@@ -97,7 +97,10 @@ class LTModelLoader(io.ComfyNode):
                     "weight_dtype",
                     options=choices["weight_dtype"],
                     default="default",
-                    tooltip="Transformer weight dtype; 'default' keeps what the files hold.",
+                    tooltip="Transformer weight dtype; 'default' keeps what the files hold. fp8_* store the "
+                    "weights in fp8 (half of bf16's memory) and compute in the GPU's dtype, as UNETLoader does; "
+                    "_fast also multiplies in fp8 where the GPU can. Pre-quantized scaled-fp8 files load as "
+                    "they are with 'default'.",
                 ),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
@@ -146,20 +149,25 @@ class LTModelLoader(io.ComfyNode):
             )
             if transformer is not None and encoder is not None:
                 model_files.check_pairing(transformer, encoder)
+            if folder is None and paths.get("diffusion_models") is not None:
+                model_files.check_scaled_fp8_header(paths["diffusion_models"])
         except ModelFileError as error:
             return str(error)
+        problem = fp8.choice_problem(weight_dtype)
+        if problem:
+            return f"weight_dtype: {problem}"
         return _choice_error(values) or True
 
     @classmethod
     @checked_execution
     def execute(cls, model, text_encoder, vae, weight_dtype) -> io.NodeOutput:
-        dtype = model_files.DTYPES[weight_dtype]
+        options = model_files.weight_dtype_options(weight_dtype)
         folder = diffusers_folder_path(model)
         if folder is not None:
-            diffusion_model = model_files.load_transformer_folder(folder, dtype)
+            diffusion_model = model_files.load_transformer_folder(folder, **options)
         else:
             path = folder_paths.get_full_path_or_raise("diffusion_models", model)
-            diffusion_model = model_files.load_transformer_file(path, dtype)
+            diffusion_model = model_files.load_transformer_file(path, **options)
         if text_encoder == FROM_FOLDER:
             clip = model_files.clip_from_diffusers_folder(folder)
         else:

@@ -74,7 +74,10 @@ def load_models(config: cfg.TrainConfig, base: Path):
 
     from ..loading import model_files
 
-    dtype = model_files.DTYPES[config.weight_dtype]
+    try:
+        options = model_files.weight_dtype_options(config.weight_dtype)
+    except ValueError as error:
+        raise cfg.ConfigError(f"[model] {error}") from error
     if not config.transformer:
         raise cfg.ConfigError(
             "[model] transformer (or dit) is required: a diffusers folder or a transformer file"
@@ -94,13 +97,13 @@ def load_models(config: cfg.TrainConfig, base: Path):
 
     transformer = locate(config.transformer, ("diffusers", "diffusion_models"))
     if transformer.is_dir():
-        model = model_files.load_transformer_folder(transformer, dtype)
+        model = model_files.load_transformer_folder(transformer, **options)
         clip = model_files.clip_from_diffusers_folder(transformer) if not config.text_encoder else None
         vae = model_files.vae_from_diffusers_folder(transformer) if not config.vae else None
     else:
         if not config.text_encoder or not config.vae:
             raise cfg.ConfigError("[model] a single transformer file needs text_encoder and vae files too")
-        model, clip, vae = model_files.load_transformer_file(transformer, dtype), None, None
+        model, clip, vae = model_files.load_transformer_file(transformer, **options), None, None
     if clip is None:
         clip = model_files.load_text_encoder_file(locate(config.text_encoder, ("text_encoders", "clip")))
     if vae is None:
