@@ -1,10 +1,10 @@
-# The interface CI, the README and other tools use (see shared DESIGN.md "Make targets").
+# The interface CI, the README and other tools use: setup, run, demo, test, bench.
 PY := .venv/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8188
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint run demo bench tiny-models
+.PHONY: setup test test-fast lint run demo bench tiny-models
 
 setup:
 	@bash scripts/setup.sh
@@ -14,10 +14,14 @@ tiny-models: setup
 
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
-test: setup
-	$(PY) -m ruff check .
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The quick loop while editing: lint, then everything but the slow and browser tests.
+test-fast: lint
+	$(PY) -m pytest -m "not slow and not browser" -q $(PYTEST_ARGS)
 
 run: tiny-models
 	$(PY) .comfyui/main.py $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else '--cpu')") \

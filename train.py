@@ -5,4 +5,8 @@ import sys
 from .training.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a Ctrl-C outside main's own handling (e.g. while it returns)
+        code = 130
+    sys.exit(code)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from ..samplers.flow import velocity_from_denoised
 from ..training.dataset import CachedDataset
 
 
 def _velocity(model, x, sigma, cond):
     denoised = model.model.apply_model(x, sigma, c_crossattn=cond, num_tokens=cond.shape[1])
-    return (x - denoised) / sigma.view(-1, 1, 1, 1)
+    return velocity_from_denoised(x, denoised, sigma)
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from lumina_turbo.devtools.comfy_host import COMFY_DIR, REPO, bootstrap
 
 PACK_LINK = COMFY_DIR / "custom_nodes" / "lumina_turbo"
 MODELS_DIR = COMFY_DIR / "models"
+TRAINING_ROOTS_ENV = "LUMINA_TURBO_TRAINING_ROOTS"  # nodes/paths.py: the server-side dataset opt-in
 
 
 def run_coroutine(coro):
@@ -146,8 +147,11 @@ class ComfyHost:
 class ComfyServer:
     """``main.py --cpu`` on a free loopback port."""
 
-    def __init__(self, output_dir: Path, log_path: Path):
+    def __init__(self, output_dir: Path, log_path: Path, env: dict | None = None):
+        """``env``: extra environment of the server; LUMINA_TURBO_TRAINING_ROOTS only from here (the
+        in-process host's opt-in for pytest's temp folders does not leak into the server)."""
         self.port = _free_port()
+        self.output_dir = Path(output_dir)
         self.user_dir = tempfile.mkdtemp(prefix="comfy-user-")
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
@@ -158,9 +162,11 @@ class ComfyServer:
             "--user-directory", self.user_dir,
         ]
         self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115  (closed in stop())
+        self._log = open(log_path, "w")
+        environment = {k: v for k, v in os.environ.items() if k != TRAINING_ROOTS_ENV}
+        environment.update({"PYTHONUNBUFFERED": "1", **(env or {})})
         self.proc = subprocess.Popen(cmd, cwd=str(COMFY_DIR), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env=environment)
         self._wait_ready(timeout=180)
 
     def _wait_ready(self, timeout: float):
@@ -248,6 +254,9 @@ def tiny_models() -> Path:
 
 @pytest.fixture(scope="session")
 def comfy_host(tmp_path_factory, tiny_models) -> ComfyHost:
+    # Tests train from datasets in their tmp_path, outside input/: allowed the way a server owner
+    # allows extra training folders (the server fixture runs without it).
+    os.environ[TRAINING_ROOTS_ENV] = str(tmp_path_factory.getbasetemp().resolve())
     return ComfyHost(tmp_path_factory.mktemp("comfy-output"))
 
 

@@ -275,7 +275,7 @@ def load_problem(path, model, clip, cache_root) -> Problem:
 
     with safe_open(str(path), framework="pt") as handle:
         meta = json.loads(handle.metadata()["problem"])
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no iterator
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     teacher_tensors = {k[len("teacher/") :]: v for k, v in tensors.items() if k.startswith("teacher/")}
     data = LatentData(list(tensors["train/latents"]), meta["captions"])
     reference = {}

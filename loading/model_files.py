@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import nextdit_build, nextdit_keys
+from . import fp8, nextdit_build, nextdit_config, nextdit_keys
 from .errors import ModelFileError
 from .safetensors_io import (
     folder_tensor_infos,
@@ -24,13 +24,22 @@ from .safetensors_io import (
 )
 from .text_encoders import (
     check_tokenizer,
-    clip_from_diffusers_folder,
     clip_from_state_dict,
     text_encoder_width,
 )
-from .vae import vae_from_diffusers_folder, vae_from_state_dict
+from .text_encoders import (
+    clip_from_diffusers_folder as clip_from_diffusers_folder,
+)
+from .vae import vae_from_diffusers_folder as vae_from_diffusers_folder
+from .vae import vae_from_state_dict
 
-DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {
+    "default": None,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    **fp8.FP8_CHOICES,
+}
 TRANSFORMER_CLASSES = ("Lumina2Transformer2DModel", "ZImageTransformer2DModel")
 PIPELINE_CLASSES = ("Lumina2Pipeline", "Lumina2Text2ImgPipeline", "ZImagePipeline")
 # Prefixes that all-in-one checkpoints put in front of the transformer keys.
@@ -90,15 +99,36 @@ def check_diffusers_folder(folder: str | Path, parts=("transformer", "text_encod
         check_tokenizer(folder)
 
 
-def load_transformer_folder(folder: str | Path, dtype: torch.dtype | None = None):
-    """``<folder>/transformer``: config.json + (sharded) safetensors -> ComfyUI ModelPatcher."""
+def weight_dtype_options(name: str) -> dict:
+    """The load functions' keyword arguments for a weight_dtype choice ("default", "bf16", "fp8_e4m3fn", ...)."""
+    problem = fp8.choice_problem(name)
+    if problem:
+        raise ValueError(f"weight_dtype: {problem}")
+    return {"dtype": DTYPES[name], "fp8_optimizations": name in fp8.FAST_CHOICES}
+
+
+def _check_storage(dtype: torch.dtype | None) -> None:
+    problem = fp8.storage_problem(dtype)
+    if problem:
+        raise ValueError(f"weight_dtype: {problem}; choose bf16 or fp16")
+
+
+def load_transformer_folder(folder: str | Path, dtype: torch.dtype | None = None, fp8_optimizations=False):
+    """``<folder>/transformer``: config.json + (sharded) safetensors -> ComfyUI ModelPatcher.
+
+    Tensors are converted to ``dtype`` (fp8 included) as they are read, one at a time, so the model
+    is never held in a wider dtype on the way.
+    """
     folder = Path(folder)
+    _check_storage(dtype)
     config = transformer_config(folder)
     tdir = folder / "transformer"
     dtype = dtype or majority_float_dtype((i.dtype, i.numel) for i in folder_tensor_infos(tdir).values())
     state_dict = load_folder_state_dict(tdir, dtype)
     try:
-        return nextdit_build.build_nextdit_from_diffusers(state_dict, config, dtype=dtype, consume=True)
+        return nextdit_build.build_nextdit_from_diffusers(
+            state_dict, config, dtype=dtype, consume=True, fp8_optimizations=fp8_optimizations
+        )
     except ValueError as exc:
         expected = (
             f"a Lumina-Image-2.0 or Z-Image transformer whose config.json matches the weights in {tdir}"
@@ -143,7 +173,7 @@ def text_encoder_names(sd: dict) -> dict:
     without the ``model.`` prefix."""
     if any(k.startswith("model.") for k in sd):
         return sd
-    return {(k if k == "spiece_model" else f"model.{k}"): v for k, v in sd.items()}
+    return {(k if k in ("spiece_model", fp8.MARKER) else f"model.{k}"): v for k, v in sd.items()}
 
 
 def check_pairing(transformer: str | Path, text_encoder: str | Path) -> None:
@@ -171,30 +201,86 @@ def check_pairing(transformer: str | Path, text_encoder: str | Path) -> None:
         )
 
 
-def load_transformer_file(path: str | Path, dtype: torch.dtype | None = None):
+def check_transformer_header(infos: dict, source: str | Path) -> None:
+    """Refuse, from the header alone, a transformer whose tensors are not exactly the keys and shapes
+    of the NextDiT its own shapes describe: an extra or oversized tensor (a header may declare gigabytes)
+    is refused before any of it is read."""
+    meta = {name: torch.empty(info.shape, dtype=info.dtype, device="meta") for name, info in infos.items()}
+    try:
+        if nextdit_keys.is_comfy_nextdit(meta):
+            meta = nextdit_keys.add_norm_final(meta)
+        else:
+            meta = nextdit_keys.diffusers_to_comfy(meta)
+        unet_config = nextdit_config.unet_config_from_state_dict(meta)
+        nextdit_config.validate_unet_config(unet_config, meta)
+    except ValueError as exc:
+        raise ModelFileError(source, "a Lumina-Image-2.0 or Z-Image transformer", str(exc)) from exc
+
+
+def check_scaled_fp8_header(path: str | Path) -> None:
+    """A scaled-fp8 transformer file's scales checked from its header (nothing else is read); other
+    files pass. Raises ModelFileError naming the file and the scale that is missing or mis-shaped."""
+    _, infos = transformer_header(path)
+    marker = infos.pop(fp8.MARKER, None)
+    if marker is None:
+        return
+    weights, scales = fp8.split_scales(infos)
+    if not nextdit_keys.is_comfy_nextdit(weights):
+        return  # load_transformer_file explains it
+    try:
+        config = nextdit_config.unet_config_from_state_dict(weights)
+        linear_dtype, _ = fp8.marker_settings(marker)
+        fp8.check_scales(weights, scales, nextdit_config.linear_modules(config), linear_dtype)
+    except ValueError as exc:
+        raise ModelFileError(
+            path, "a Lumina-Image-2.0 or Z-Image transformer in ComfyUI's scaled fp8 format", str(exc)
+        ) from exc
+
+
+def load_transformer_file(path: str | Path, dtype: torch.dtype | None = None, fp8_optimizations=False):
     """One .safetensors transformer, ComfyUI-named or diffusers-named (optionally behind an
-    all-in-one checkpoint prefix) -> ComfyUI ModelPatcher."""
+    all-in-one checkpoint prefix) -> ComfyUI ModelPatcher.
+
+    A file with ComfyUI's ``scaled_fp8`` marker (pre-quantized) keeps its fp8 Linear weights and their
+    scales as stored and loads through ComfyUI's scaled fp8 operations, as UNETLoader loads it.
+    """
+    _check_storage(dtype)
     prefix, infos = transformer_header(path)
-    transformer_family_and_width(infos, path)
-    dtype = dtype or majority_float_dtype((info.dtype, info.numel) for info in infos.values())
+    marker = infos.pop(fp8.MARKER, None)
+    weights_infos, scale_infos = fp8.split_scales(infos) if marker is not None else (infos, {})
+    transformer_family_and_width(weights_infos, path)
+    if marker is not None and not nextdit_keys.is_comfy_nextdit(weights_infos):
+        raise ModelFileError(
+            path, "a scaled-fp8 transformer with ComfyUI NextDiT key names (as ComfyUI writes them)",
+            "it has diffusers key names",
+        )  # fmt: skip
+    # every tensor checked from the header before any is read (a header may declare gigabytes)
+    check_transformer_header(weights_infos, path)
+    if marker is not None:
+        check_scaled_fp8_header(path)
+    if marker is None:
+        dtype = dtype or majority_float_dtype((info.dtype, info.numel) for info in infos.values())
     names = [prefix + k for k in infos]
-    state_dict = {k[len(prefix) :]: v for k, v in load_safetensors(path, dtype, names).items()}
+    # a scaled file is read as stored: its fp8 weights only make sense with their scales
+    read_dtype = dtype if marker is None else None
+    state_dict = {k[len(prefix) :]: v for k, v in load_safetensors(path, read_dtype, names).items()}
+    scaled_fp8 = None
+    if marker is not None:
+        scaled_fp8 = load_safetensors(path, None, [prefix + fp8.MARKER])[prefix + fp8.MARKER]
     try:
         if nextdit_keys.is_comfy_nextdit(state_dict):
-            return nextdit_build.build_nextdit(nextdit_keys.add_norm_final(state_dict), dtype=dtype)
-        return nextdit_build.build_nextdit_from_diffusers(state_dict, dtype=dtype, consume=True)
+            return nextdit_build.build_nextdit(
+                nextdit_keys.add_norm_final(state_dict), dtype=dtype,
+                fp8_optimizations=fp8_optimizations, scaled_fp8=scaled_fp8,
+            )  # fmt: skip
+        return nextdit_build.build_nextdit_from_diffusers(
+            state_dict, dtype=dtype, consume=True, fp8_optimizations=fp8_optimizations
+        )
     except ValueError as exc:
-        raise ModelFileError(path, "a Lumina-Image-2.0 or Z-Image transformer", str(exc)) from exc
-
-
-def load_diffusers_folder(folder: str | Path, dtype: torch.dtype | None = None):
-    """(model, clip, vae) from a diffusers pipeline folder."""
-    check_diffusers_folder(folder)
-    return (
-        load_transformer_folder(folder, dtype),
-        clip_from_diffusers_folder(folder),
-        vae_from_diffusers_folder(folder),
-    )
+        expected = "a Lumina-Image-2.0 or Z-Image transformer"
+        if scale_infos or marker is not None:
+            expected += " in ComfyUI's scaled fp8 format"
+        raise ModelFileError(path, expected, str(exc)) from exc
 
 
 def load_text_encoder_file(path: str | Path):

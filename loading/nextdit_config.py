@@ -329,8 +329,8 @@ def unet_config_from_state_dict(state_dict, overrides=None):
 # ---------------------------------------------------------------- config vs tensors
 
 
-def expected_shapes(unet_config):
-    """Parameter name -> shape of the NextDiT ComfyUI builds for ``unet_config`` (meta device, no memory)."""
+def _meta_nextdit(unet_config):
+    """The NextDiT ComfyUI builds for ``unet_config``, on the meta device (no memory)."""
     import comfy.ldm.lumina.model
     import comfy.ops
     import torch
@@ -344,13 +344,24 @@ def expected_shapes(unet_config):
         raise ValueError(
             f"unet_config: axes_dims {unet_config['axes_dims']} must be even and sum to the head size {dim // n_heads}"
         )
-    model = comfy.ldm.lumina.model.NextDiT(
+    return comfy.ldm.lumina.model.NextDiT(
         **unet_config,
         device=torch.device("meta"),
         dtype=torch.float32,
         operations=comfy.ops.disable_weight_init,
     )
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def expected_shapes(unet_config):
+    """Parameter name -> shape of the NextDiT ComfyUI builds for ``unet_config``."""
+    return {k: tuple(v.shape) for k, v in _meta_nextdit(unet_config).state_dict().items()}
+
+
+def linear_modules(unet_config):
+    """Names of the Linear layers of that NextDiT (the layers ComfyUI's scaled fp8 operations scale)."""
+    import torch
+
+    return {n for n, m in _meta_nextdit(unet_config).named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def validate_unet_config(unet_config, state_dict):

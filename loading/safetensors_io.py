@@ -4,7 +4,7 @@ Tensors are read with positioned reads straight into freshly allocated memory (b
 on a few threads), not through a memory map: pages of a mapped file count in the process's resident
 memory for as long as any tensor views them, so a mapped load followed by a copy into the model
 holds it twice (what ComfyUI's own loader does). Here each tensor's bytes are in memory once (plus
-one tensor while its dtype is converted), and a folder's shards are read one after another into
+a few small chunks while its dtype is converted), and a folder's shards are read one after another into
 one dict. (The format is little-endian, like every machine ComfyUI runs on.)
 """
 
@@ -24,6 +24,7 @@ from .errors import ModelFileError
 
 READ_THREADS = 4  # like a parallel copy: page faults and copies of big tensors spread over cores
 READ_CHUNK = 16 << 20
+CONVERT_CHUNK = 4 << 20  # stored bytes converted at a time when the dtype changes
 HAS_PREADV = hasattr(os, "preadv")  # not on Windows: there tensors are read one after another
 DTYPES = {
     "F64": torch.float64,
@@ -115,28 +116,60 @@ def _read_tensor(f, info: TensorInfo, pool: ThreadPoolExecutor | None) -> torch.
     return buffer.view(info.dtype).reshape(info.shape)
 
 
+def _read_converted(f, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor in ``dtype``, converted chunk by chunk as it is read: a narrower result (fp8 from bf16)
+    never holds the whole tensor in its stored dtype as well. One thread: chunks freed by other
+    threads would stay in their malloc arenas, counted in the process's memory."""
+    out = torch.empty(info.shape, dtype=dtype)
+    flat = out.view(-1)
+    itemsize = torch.empty((), dtype=info.dtype).element_size()
+    per_chunk = max(1, CONVERT_CHUNK // itemsize)
+    buffer = torch.empty(min(per_chunk, info.numel) * itemsize, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    for first in range(0, info.numel, per_chunk):
+        count = min(per_chunk, info.numel - first)
+        _pread_into(f, view[: count * itemsize], info.start + first * itemsize)
+        flat[first : first + count].copy_(buffer[: count * itemsize].view(info.dtype))
+    return out
+
+
 def iter_safetensors(
     path: str | Path, dtype: torch.dtype | None = None, names: Collection[str] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs in file order, only ``names`` if given; floating tensors converted to
-    ``dtype`` one at a time."""
+    ``dtype`` while they are read."""
     path = Path(path)
     infos = read_header(path)
     if names is not None:
         infos = {name: info for name, info in infos.items() if name in names}
     threads = min(READ_THREADS, os.cpu_count() or 1) if HAS_PREADV else 1
+    converted = False
     try:
         with (
             open(path, "rb", buffering=0) as f,
             ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool,
         ):
             for name, info in sorted(infos.items(), key=lambda item: item[1].start):
-                tensor = _read_tensor(f, info, pool)
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                    tensor = tensor.to(dtype)
-                yield name, tensor
+                if dtype is not None and info.dtype.is_floating_point and info.dtype != dtype:
+                    converted = True
+                    yield name, _read_converted(f, info, dtype)
+                else:
+                    yield name, _read_tensor(f, info, pool)
     except OSError as exc:
         raise ModelFileError(path, "a complete, readable .safetensors file", str(exc)) from exc
+    if converted:
+        _return_freed_heap()
+
+
+def _return_freed_heap() -> None:
+    """Hand freed heap memory back to the OS after a conversion: glibc keeps some of the freed chunks and
+    temporaries, which would count in the process's memory for as long as it runs."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (Windows, macOS, musl): nothing kept that way, or nothing to call
 
 
 def load_safetensors(

@@ -116,6 +116,16 @@ def clip_from_state_dict(sd: dict[str, torch.Tensor], source: str, hf_config: di
             "the Gemma SentencePiece tokenizer (tokenizer/tokenizer.model in a "
             "diffusers folder, or a 'spiece_model' tensor in a single file)",
         )
+    fp8_norms = sorted(
+        k for k, v in sd.items() if kind == "gemma2" and "norm" in k and "float8" in str(v.dtype)
+    )
+    if fp8_norms:
+        # ComfyUI's Gemma-2 RMSNorm adds 1 to its weight in the stored dtype, which fp8 cannot do
+        raise ModelFileError(
+            source,
+            "Gemma-2 norm weights in bf16, fp16 or fp32 (as scaled-fp8 files keep them)",
+            f"{fp8_norms[0]} is {sd[fp8_norms[0]].dtype}",
+        )
     options = {f"{model_name}_model_config": text_encoder_config(sd, kind, source, hf_config)}
     return comfy.sd.load_text_encoder_state_dicts(
         [sd], clip_type=comfy.sd.CLIPType.LUMINA2, model_options=options

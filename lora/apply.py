@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..loading.errors import ModelFileError
-from ..loading.safetensors_io import load_safetensors
+from ..loading.safetensors_io import load_safetensors, read_header
 from .convert import to_comfy_native, validate_lora
 from .keys import ParsedLora, parse_lora, qkv_slices
 
@@ -118,6 +118,16 @@ def _refuse_bias_on_slices(modules, path):
                 )
 
 
+def check_lora_header(path, shapes=None) -> None:
+    """The file's keys, up/down pairs, ranks and (with ``shapes``) delta shapes, checked from the
+    header before any tensor is read: a foreign or oversized LoRA costs no memory to refuse."""
+    import torch
+
+    infos = read_header(path)
+    meta = {name: torch.empty(info.shape, dtype=info.dtype, device="meta") for name, info in infos.items()}
+    validate_lora(meta, parse_lora(meta), path, shapes, check_values=False)
+
+
 def apply_lora(model, clip, path, strength_model: float = 1.0, strength_clip: float = 1.0):
     """``(model clone, clip clone, LoraReport)`` with the LoRA in ``path`` applied.
 
@@ -132,9 +142,10 @@ def apply_lora(model, clip, path, strength_model: float = 1.0, strength_clip: fl
             "model: expected a Lumina-Image-2.0 / Z-Image (NextDiT) model, got "
             f"{type(getattr(model, 'model', model)).__name__}"
         )
+    shapes = target_shapes(model)
+    check_lora_header(path, shapes)
     state_dict = load_safetensors(path)
     parsed = parse_lora(state_dict)
-    shapes = target_shapes(model)
     absent = validate_lora(state_dict, parsed, path, shapes)
     _refuse_bias_on_slices(parsed.modules, path)
     report = LoraReport(str(path), layouts=parsed.layouts(), unmapped=list(parsed.unmapped))
@@ -200,6 +211,7 @@ def convert_file(src, dst, shapes=None) -> dict:
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ValueError(f"output: {dst} is the input file; choose another name")
+    check_lora_header(src, shapes)
     state_dict = load_safetensors(src)
     parsed = parse_lora(state_dict)
     absent = validate_lora(state_dict, parsed, src, shapes)
@@ -224,19 +236,6 @@ def convert_file(src, dst, shapes=None) -> dict:
     }
 
 
-def _header_shapes(files) -> dict:
-    from safetensors import SafetensorError, safe_open
-
-    shapes = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
-        except (SafetensorError, OSError) as exc:
-            raise ModelFileError(file, "a complete, valid .safetensors file", str(exc)) from exc
-    return shapes
-
-
 def transformer_file_shapes(path) -> dict:
     """ComfyUI NextDiT parameter shapes of a transformer file (ComfyUI or diffusers names) or a
     diffusers folder, read from the headers only (for the converter's ``--model``)."""
@@ -250,7 +249,7 @@ def transformer_file_shapes(path) -> dict:
     files = sorted(folder.glob("*.safetensors")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
         raise ModelFileError(path, "a transformer .safetensors file or a diffusers folder", "no such file")
-    header = _header_shapes(files)
+    header = {name: info.shape for file in files for name, info in read_header(file).items()}
     for prefix in TRANSFORMER_PREFIXES:
         if any(name.startswith(prefix) for name in header):
             header = {name[len(prefix) :]: shape for name, shape in header.items() if name.startswith(prefix)}

@@ -52,6 +52,18 @@ def _pair(module, path):
     return up, down
 
 
+def _check_rank(module, pair, path):
+    # a rank above both sides of the delta adds nothing, only bytes (a header may declare gigabytes)
+    up, down = pair
+    rank, rows, width = up.shape[1], up.shape[0], int(torch.Size(down.shape[1:]).numel())
+    if rank > max(rows, width):
+        raise ModelFileError(
+            path,
+            "a LoRA rank no larger than the weight it patches",
+            f"{module.stem!r} has rank {rank} for a delta of {rows} x {width}",
+        )
+
+
 def expected_shape(target, target_shapes):
     """(rows, in_features) a delta for ``target`` must have, from the model's weight shapes."""
     shape = tuple(target_shapes[target.key])
@@ -61,7 +73,7 @@ def expected_shape(target, target_shapes):
     return (size, *shape[1:])
 
 
-def validate_lora(state_dict, parsed: ParsedLora, path, target_shapes=None):
+def validate_lora(state_dict, parsed: ParsedLora, path, target_shapes=None, check_values=True):
     """Refuse a broken or foreign LoRA; returns the modules the model does not have (for the report).
 
     Args:
@@ -69,8 +81,10 @@ def validate_lora(state_dict, parsed: ParsedLora, path, target_shapes=None):
         path: the file, named in every error.
         target_shapes: ComfyUI NextDiT parameter name (no ``diffusion_model.``) -> shape, or None to
             check only the file's own consistency (the converter without a model).
+        check_values: False for meta tensors built from the header (keys and shapes only).
     """
-    check_finite(state_dict, path)
+    if check_values:
+        check_finite(state_dict, path)
     if not parsed.modules and not parsed.text_encoder:
         first = next(iter(state_dict), None)
         raise ModelFileError(
@@ -81,6 +95,8 @@ def validate_lora(state_dict, parsed: ParsedLora, path, target_shapes=None):
     absent = []
     for module in parsed.modules:
         pair = _pair(module, path) if module.up_down() is not None else None
+        if pair is not None:
+            _check_rank(module, pair, path)
         if target_shapes is None:
             continue
         if module.target.key not in target_shapes:

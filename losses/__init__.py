@@ -4,7 +4,7 @@ Time convention everywhere: ComfyUI sigma (1 = noise, 0 = data), x_sigma = (1 - 
 target velocity v = eps - x0; Lumina t = 1 - sigma; diffusers timestep = 1000 sigma.
 """
 
-from .common import noisy_latent, reduce_loss, velocity_target, x0_from_velocity
+from .common import reduce_loss
 from .curvature import curvature_neighbour_sigmas, curvature_penalty, default_curvature_step
 from .modes import LOSS_MODES, flow_loss, loss_mode_defaults, resolve_loss_params
 from .replay import NO_ANCHOR, HardSampleReplay
@@ -30,7 +30,6 @@ __all__ = [
     "flow_loss",
     "loss_mode_defaults",
     "min_snr_weight",
-    "noisy_latent",
     "reduce_loss",
     "resolve_loss_params",
     "sample_anchor_sigmas",
@@ -39,6 +38,4 @@ __all__ = [
     "sample_uniform_sigmas",
     "snr_from_sigma",
     "training_anchor_sigmas",
-    "velocity_target",
-    "x0_from_velocity",
 ]

@@ -45,53 +45,6 @@ def check_same_shape(**tensors: torch.Tensor) -> torch.Size:
     return shape
 
 
-def per_sample_sigma(sigma, batch_size: int, *, like: torch.Tensor | None = None) -> torch.Tensor:
-    """ComfyUI sigma (1 = noise, 0 = data) as a float tensor of shape [batch_size].
-
-    Accepts a Python number, a 0-d tensor, or a tensor of shape [B] / [B, 1, ...]. Values must lie in
-    [0, 1]. ``like`` gives the device and dtype of the result.
-    """
-    device = like.device if like is not None else None
-    dtype = compute_dtype(like) if like is not None else torch.float32
-    sigma = torch.as_tensor(sigma, device=device, dtype=dtype)
-    if sigma.numel() == 1:
-        sigma = sigma.reshape(()).expand(batch_size)
-    elif sigma.shape[0] == batch_size and sigma[0].numel() == 1:
-        sigma = sigma.reshape(batch_size)
-    else:
-        raise ValueError(
-            f"sigma must be a number or have one value per sample ({batch_size}), got shape {tuple(sigma.shape)}"
-        )
-    if not torch.isfinite(sigma).all() or (sigma < 0).any() or (sigma > 1).any():
-        raise ValueError(f"sigma must lie in [0, 1] (ComfyUI sigma, 1 = noise), got {sigma.tolist()}")
-    return sigma
-
-
-def expand_per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """View a [B] tensor as [B, 1, 1, ...] so it broadcasts against ``like``."""
-    return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
-
-
-def noisy_latent(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
-    """x_sigma = (1 - sigma) * x0 + sigma * noise (ComfyUI sigma: 1 = noise; Lumina t = 1 - sigma)."""
-    sigma = expand_per_sample(per_sample_sigma(sigma, x0.shape[0], like=x0), x0)
-    return (1 - sigma) * x0 + sigma * noise
-
-
-def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """v = noise - x0 = d x_sigma / d sigma, the same at every ComfyUI sigma along one pair."""
-    return noise - x0
-
-
-def x0_from_velocity(x_sigma: torch.Tensor, sigma, velocity: torch.Tensor) -> torch.Tensor:
-    """Denoised latent x0 = x_sigma - sigma * v (ComfyUI CONST; sigma is ComfyUI sigma, 1 = noise).
-
-    Well conditioned for every sigma in [0, 1]: an error in v reaches x0 multiplied by sigma <= 1.
-    """
-    sigma = expand_per_sample(per_sample_sigma(sigma, x_sigma.shape[0], like=x_sigma), x_sigma)
-    return x_sigma - sigma * velocity
-
-
 def per_sample_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean over every dimension but the first: [B, ...] -> [B]."""
     return values.reshape(values.shape[0], -1).mean(dim=1)

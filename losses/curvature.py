@@ -2,8 +2,8 @@
 
 Time convention: ComfyUI sigma (1 = noise, 0 = data); Lumina t = 1 - sigma; diffusers timestep =
 1000 sigma. Along x_sigma = (1 - sigma) x0 + sigma eps the trajectory's first derivative is
-dx/dsigma = v (the model's velocity), so its second derivative is dv/dsigma. A straight ("匀速直线",
-constant-velocity) trajectory has dv/dsigma = 0; that is what Euler sampling with few steps needs.
+dx/dsigma = v (the model's velocity), so its second derivative is dv/dsigma. A straight (constant-velocity)
+trajectory has dv/dsigma = 0; that is what Euler sampling with few steps needs.
 
 Definition used here. Given the model's velocity at three distinct sigmas s0 (the training sigma,
 prediction v0 with gradient) and two neighbours s1, s2 (predictions v1, v2, by default detached),
@@ -18,7 +18,7 @@ The penalty is the mean square of that derivative scaled by step^2, per sample:
 
 For the centred stencil s1 = s0 - step, s2 = s0 + step, step^2 D2 = v1 - 2 v0 + v2, so this is exactly
 AC-RF v2's ``mean((v+ - 2 v̂ + v-)^2)``. The neighbour inputs x_{s1}, x_{s2} are built from the same
-(x0, eps) as the training input (:func:`losses.common.noisy_latent`), which costs two more forward
+(x0, eps) as the training input (:func:`samplers.flow.noisy_latent`), which costs two more forward
 passes (run them under no_grad: AC-RF lets only the centre prediction carry gradient).
 """
 
@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_same_shape, expand_per_sample, per_sample_mean, per_sample_sigma
+from ..samplers.flow import expand_per_sample, per_sample_sigma
+from .common import check_same_shape, per_sample_mean
 
 CURVATURE_SIGMA_RANGE = (0.001, 0.999)
 

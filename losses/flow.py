@@ -24,10 +24,10 @@ def hybrid_flow_loss(
         L_b = lambda_mse * mean((v̂ - v)^2) + lambda_l1 * mean(|v̂ - v|) + lambda_cos * (1 - cos(v̂_b, v_b))
 
     with means and the cosine over all of one sample's elements. The L1 term fits the magnitude
-    robustly and the cosine term the direction of the velocity field (the seed's "混合流匹配损失":
+    robustly and the cosine term the direction of the velocity field (the AC-RF write-up's "hybrid flow-matching loss":
     L1 + cosine). Velocities follow the ComfyUI convention: v = eps - x0, sigma 1 = noise.
 
-    Defaults follow the seed's ``standard`` mode ("基础 MSE + 可选 Cosine"): plain MSE. AC-RF's
+    Defaults follow AC-RF's ``standard`` mode ("basic MSE + optional cosine"): plain MSE. AC-RF's
     ``config/acrf_config.toml`` used lambda_l1 = 1.0, lambda_cos = 0.1 with no MSE term.
     """
     check_same_shape(pred_v=pred_v, target_v=target_v)

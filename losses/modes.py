@@ -1,9 +1,9 @@
-"""The trainer's single loss entry point: the seed's loss modes and their parameters.
+"""The trainer's single loss entry point: the AC-RF trainer's loss modes and their parameters.
 
 Time convention: ComfyUI sigma (1 = noise, 0 = data); x_sigma = (1 - sigma) x0 + sigma eps; target
 v = eps - x0 (denoised = x - sigma v). Lumina t = 1 - sigma; diffusers timestep = 1000 sigma.
 
-Modes (the seed's ``loss_mode``; every mode starts from the hybrid velocity loss of flow.py):
+Modes (AC-RF's ``loss_mode``; every mode starts from the hybrid velocity loss of flow.py):
 
   standard  = lambda_mse MSE(v) + lambda_l1 L1(v) + lambda_cos (1 - cos v) + lambda_fft FFT(x0)
   frequency = standard + lambda_freq  * [alpha_hf L1(high x0) + beta_lf (1 - cos(low x0))]
@@ -13,7 +13,7 @@ Modes (the seed's ``loss_mode``; every mode starts from the hybrid velocity loss
 
 The base terms compare velocities; the frequency, FFT and style terms compare the denoised latents
 x̂0 = x_sigma - sigma v̂ and x0 = x_sigma - sigma v (image properties; see frequency.py/style.py).
-With the defaults, ``frequency`` is exactly the seed's "MSE + α·L1(高频) + β·Cos(低频)". AC-RF's v2
+With the defaults, ``frequency`` is exactly the AC-RF write-up's "MSE + α·L1(high frequencies) + β·Cos(low frequencies)". AC-RF's v2
 script scaled the two blocks by lambda_freq = lambda_style = 0.3; set those to reproduce it.
 """
 
@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from .common import check_same_shape, compute_dtype, per_sample_sigma, x0_from_velocity
+from ..samplers.flow import denoised_from_velocity, per_sample_sigma
+from .common import check_same_shape, compute_dtype
 from .flow import hybrid_flow_loss
 from .frequency import check_downsample_factor, fft_highpass_loss, frequency_band_loss
 from .style import style_structure_loss
@@ -55,11 +56,15 @@ def loss_mode_defaults(mode: str) -> dict[str, float]:
     return dict(LOSS_MODES[mode])
 
 
+# Weights beyond this only overflow the loss; a bound keeps a prompt from asking for it.
+MAX_LOSS_PARAM = 1e4
+
+
 def resolve_loss_params(mode: str, params: dict | None = None) -> dict[str, float]:
     """Defaults of ``mode`` overridden by ``params``, validated.
 
     Raises ValueError naming every parameter the mode does not accept (a typo, or a parameter of
-    another mode), and any weight that is not a finite number >= 0.
+    another mode), and any value that is not a number in [0, MAX_LOSS_PARAM].
     """
     resolved = loss_mode_defaults(mode)
     params = dict(params or {})
@@ -73,9 +78,11 @@ def resolve_loss_params(mode: str, params: dict | None = None) -> dict[str, floa
             isinstance(value, bool)
             or not isinstance(value, int | float)
             or not math.isfinite(value)
-            or value < 0
+            or not 0 <= value <= MAX_LOSS_PARAM
         ):
-            raise ValueError(f"loss parameter {name!r} must be a finite number >= 0, got {value!r}")
+            raise ValueError(
+                f"loss parameter {name!r} must be a finite number >= 0 and <= {MAX_LOSS_PARAM:g}, got {value!r}"
+            )
         resolved[name] = float(value)
     if "downsample_factor" in resolved:
         resolved["downsample_factor"] = check_downsample_factor(resolved["downsample_factor"])
@@ -136,8 +143,8 @@ def flow_loss(
         raise ValueError(
             f"loss mode {mode!r} needs image latents [B, C, H, W], got shape {tuple(pred_v.shape)}"
         )
-    pred_x0 = x0_from_velocity(x_sigma, sigma, pred_v)
-    target_x0 = x0_from_velocity(x_sigma, sigma, target_v)
+    pred_x0 = denoised_from_velocity(x_sigma, pred_v, sigma)
+    target_x0 = denoised_from_velocity(x_sigma, target_v, sigma)
     if resolved["lambda_fft"]:
         loss = loss + resolved["lambda_fft"] * fft_highpass_loss(pred_x0, target_x0)
     if uses_frequency:

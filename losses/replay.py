@@ -3,7 +3,7 @@
 Time convention: sigmas are ComfyUI sigmas (1 = noise, 0 = data); Lumina t = 1 - sigma; diffusers
 timestep = 1000 sigma.
 
-Provenance, honestly: the seed names a "重放缓冲区 (Replay Buffer)", but no version of the public
+Provenance, honestly: the AC-RF write-up names a replay buffer, but no version of the public
 AC-RF trainer has one (its nearest mechanisms are a regularisation dataset and the RAFT free-stream
 term). This is this package's own design: a bounded FIFO of recent per-sample losses; each step
 about ``replay_ratio`` x batch size of the highest-loss entries are trained again *on top of* the

@@ -93,13 +93,13 @@ def style_structure_loss(
 ) -> torch.Tensor:
     """Per-sample style-structure loss on denoised latents x0 = x_sigma - sigma v, shape [B]:
 
-        lambda_struct * (1 - SSIM(L̂, L))                       structure lock (the seed's "防脸崩")
+        lambda_struct * (1 - SSIM(L̂, L))                       structure lock (keeps faces from collapsing)
       + lambda_light  * moment_distance(L̂, L)                   lighting curve (mean/std of luminance)
       + lambda_color  * moment_distance(ab̂, ab)                 colour grading (mean/std of colour)
       + lambda_tex    * mean|high(L̂) - high(L)|                 texture (high band, see frequency.py)
 
     L / ab as chosen by :func:`luminance_and_colour`. SSIM: 11x11 Gaussian window, sigma 1.5,
-    C1 = (0.01 R)^2, C2 = (0.03 R)^2 with R = ``ssim_data_range``. Defaults are the seed's
+    C1 = (0.01 R)^2, C2 = (0.03 R)^2 with R = ``ssim_data_range``. Defaults are AC-RF's
     (struct 1.0, light 0.5, color 0.3, tex 0.5). Unlike AC-RF's latent class, which used a cosine
     proxy (59eda25) or moments only (HEAD), the structure term here is real SSIM.
     ComfyUI sigma convention (1 = noise).

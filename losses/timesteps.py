@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..samplers.flow import time_shift
+
 TRAINING_SIGMA_RANGE = (0.001, 0.999)
 TIMESTEP_METHODS = ("anchor", "uniform", "shifted_sigmoid")
 
@@ -31,24 +33,8 @@ def _check_batch_size(batch_size) -> int:
     return batch_size
 
 
-def _check_shift(shift) -> float:
-    if isinstance(shift, bool) or not float(shift) > 0 or float(shift) == float("inf"):
-        raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
-    return float(shift)
-
-
 def _clamp_training(sigmas: torch.Tensor) -> torch.Tensor:
     return sigmas.clamp(*TRAINING_SIGMA_RANGE)
-
-
-def rational_time_shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
-    """sigma' = shift sigma / (1 + (shift - 1) sigma) on ComfyUI sigma (1 = noise).
-
-    The SD3/Z-Image static shift (ComfyUI ``time_snr_shift``); shift > 1 moves sigmas toward noise.
-    Same formula as ``samplers.schedules.time_shift``, repeated so sampling does not depend on it.
-    """
-    shift = _check_shift(shift)
-    return shift * sigma / (1 + (shift - 1) * sigma)
 
 
 def training_anchor_sigmas(
@@ -57,7 +43,7 @@ def training_anchor_sigmas(
     """The ``turbo_steps`` anchor sigmas (ComfyUI sigma, descending, 0 excluded) an AC-RF LoRA trains on.
 
     The first ``turbo_steps`` entries of ``samplers.schedules.anchor_sigmas`` (whose schedule ends in
-    the terminal 0), so training and the LTAnchorScheduler share one definition. Seed defaults:
+    the terminal 0), so training and the LTAnchorScheduler share one definition. AC-RF defaults:
     turbo_steps = 10, shift = 3.0. AC-RF built these with diffusers' scheduler
     (``convention="diffusers"``); ``"zimage"`` is the official Z-Image schedule.
     """
@@ -161,7 +147,7 @@ def sample_uniform_sigmas(batch_size: int, generator: torch.Generator, *, shift:
     batch_size = _check_batch_size(batch_size)
     generator = _check_generator(generator)
     uniform = torch.rand(batch_size, generator=generator, device=generator.device)
-    return _clamp_training(rational_time_shift(uniform, shift))
+    return _clamp_training(time_shift(uniform, shift))
 
 
 def sample_shifted_sigmoid_sigmas(
@@ -176,7 +162,7 @@ def sample_shifted_sigmoid_sigmas(
 
     SD3's rf/lognorm(m, s) density 1/(s sqrt(2 pi)) 1/(t(1-t)) exp(-(logit t - m)^2 / (2 s^2)),
     followed by sigma' = shift sigma / (1 + (shift - 1) sigma) (musubi/sd-scripts "shift" sampling;
-    the seed's "Shifted Sigmoid, Shift=3.0"). Clamped to [0.001, 0.999]. ComfyUI sigma, 1 = noise.
+    the AC-RF write-up's "shifted sigmoid, shift 3.0"). Clamped to [0.001, 0.999]. ComfyUI sigma, 1 = noise.
     """
     batch_size = _check_batch_size(batch_size)
     generator = _check_generator(generator)
@@ -184,7 +170,7 @@ def sample_shifted_sigmoid_sigmas(
         raise ValueError(f"sigmoid_scale must be > 0, got {sigmoid_scale!r}")
     normal = torch.randn(batch_size, generator=generator, device=generator.device)
     sigma = torch.sigmoid(float(sigmoid_mean) + float(sigmoid_scale) * normal)
-    return _clamp_training(rational_time_shift(sigma, shift))
+    return _clamp_training(time_shift(sigma, shift))
 
 
 def sample_training_sigmas(

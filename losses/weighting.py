@@ -56,7 +56,7 @@ def min_snr_weight(
       * ``"vp_v_prediction"``: min(SNR, gamma) / (SNR + 1)  (what AC-RF uses, with floor 0.1)
       * ``"epsilon"``: min(SNR, gamma) / SNR = min(1, gamma sigma^2 / (1 - sigma)^2)
       * ``"x0"``: min(SNR, gamma)
-    The result is max(w, floor). ``snr_gamma`` = 5 is the paper's and the seed's default.
+    The result is max(w, floor). ``snr_gamma`` = 5 is the paper's and AC-RF's default.
     """
     if form not in MIN_SNR_FORMS:
         raise ValueError(f"form must be one of {MIN_SNR_FORMS}, got {form!r}")

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from ..patches.guidance_hooks import AFTER_TRUNC, GuidanceSettings, make_guider, patch_model
 from ..samplers import guidance
+from .input_checks import checked_execution, checked_validation
 
 DEFAULTS = GuidanceSettings()
 SETTING_NAMES = ("renorm", "renorm_mode", "trunc_mode", "trunc", "after_trunc", "cfg_formula")
@@ -59,7 +60,7 @@ def option_inputs(cfg_meaning: str) -> list:
             options=list(AFTER_TRUNC),
             default=DEFAULTS.after_trunc,
             tooltip="The branch evaluated after truncation: 'cond' (every official source) or "
-            "'uncond' (seed 001's Wan recipe).",
+            "'uncond' (the Wan 2.x cfg_truncate_steps recipe).",
         ),
         io.Combo.Input(
             "cfg_formula",
@@ -142,6 +143,7 @@ class LTCFGGuider(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(
         cls, cfg, renorm, renorm_mode, trunc_mode, trunc, after_trunc, cfg_formula, negative=UNCONNECTED
     ):
@@ -156,6 +158,7 @@ class LTCFGGuider(io.ComfyNode):
         return validation_error(values, cfg, negative)
 
     @classmethod
+    @checked_execution
     def execute(
         cls,
         model,
@@ -196,6 +199,7 @@ class LTCFGPatch(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, renorm, renorm_mode, trunc_mode, trunc, after_trunc, cfg_formula):
         values = dict(
             renorm=renorm,
@@ -208,6 +212,7 @@ class LTCFGPatch(io.ComfyNode):
         return validation_error(values)
 
     @classmethod
+    @checked_execution
     def execute(
         cls, model, renorm, renorm_mode, trunc_mode, trunc, after_trunc, cfg_formula
     ) -> io.NodeOutput:

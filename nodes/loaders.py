@@ -7,9 +7,10 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..loading import model_files
+from ..loading import fp8, model_files
 from ..loading.errors import ModelFileError
 from ..loading.safetensors_io import read_header
+from .input_checks import checked_execution, checked_validation
 
 FROM_FOLDER = "(from the diffusers folder)"
 
@@ -52,6 +53,13 @@ def loader_choices() -> dict[str, list[str]]:
     }
 
 
+def _choice_error(values: dict) -> str | None:
+    for name, options in loader_choices().items():
+        if values[name] not in options:
+            return f"{name}: {values[name]!r} is not one of the {len(options)} available choices"
+    return None
+
+
 class LTModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -89,16 +97,23 @@ class LTModelLoader(io.ComfyNode):
                     "weight_dtype",
                     options=choices["weight_dtype"],
                     default="default",
-                    tooltip="Transformer weight dtype; 'default' keeps what the files hold.",
+                    tooltip="Transformer weight dtype; 'default' keeps what the files hold. fp8_* store the "
+                    "weights in fp8 (half of bf16's memory) and compute in the GPU's dtype, as UNETLoader does; "
+                    "_fast also multiplies in fp8 where the GPU can. Pre-quantized scaled-fp8 files load as "
+                    "they are with 'default'.",
                 ),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, model, text_encoder, vae, weight_dtype):
         # ComfyUI 0.3.75 does not check V3 combo values itself: refuse unknown names before queueing,
         # and run the cheap file checks (headers, shard lists, tokenizer files) before any loading.
+        values = {"model": model, "text_encoder": text_encoder, "vae": vae, "weight_dtype": weight_dtype}
+        if None in values.values():
+            return True  # linked (None here): execute checks the names against the same lists
         folder = diffusers_folder_path(model)
         try:
             if folder is not None:
@@ -118,6 +133,8 @@ class LTModelLoader(io.ComfyNode):
             files = [("text_encoders", text_encoder), ("vae", vae)]
             if folder is None:
                 files.append(("diffusion_models", model))
+            if folder is None and folder_paths.get_full_path("diffusion_models", model) is None:
+                return _choice_error(values)  # neither a folder nor a file: nothing below could be checked
             paths = {}
             for kind, name in files:
                 paths[kind] = folder_paths.get_full_path(kind, name) if name != FROM_FOLDER else None
@@ -132,23 +149,25 @@ class LTModelLoader(io.ComfyNode):
             )
             if transformer is not None and encoder is not None:
                 model_files.check_pairing(transformer, encoder)
+            if folder is None and paths.get("diffusion_models") is not None:
+                model_files.check_scaled_fp8_header(paths["diffusion_models"])
         except ModelFileError as error:
             return str(error)
-        values = {"model": model, "text_encoder": text_encoder, "vae": vae, "weight_dtype": weight_dtype}
-        for name, options in loader_choices().items():
-            if values[name] not in options:
-                return f"{name}: {values[name]!r} is not one of the {len(options)} available choices"
-        return True
+        problem = fp8.choice_problem(weight_dtype)
+        if problem:
+            return f"weight_dtype: {problem}"
+        return _choice_error(values) or True
 
     @classmethod
+    @checked_execution
     def execute(cls, model, text_encoder, vae, weight_dtype) -> io.NodeOutput:
-        dtype = model_files.DTYPES[weight_dtype]
+        options = model_files.weight_dtype_options(weight_dtype)
         folder = diffusers_folder_path(model)
         if folder is not None:
-            diffusion_model = model_files.load_transformer_folder(folder, dtype)
+            diffusion_model = model_files.load_transformer_folder(folder, **options)
         else:
             path = folder_paths.get_full_path_or_raise("diffusion_models", model)
-            diffusion_model = model_files.load_transformer_file(path, dtype)
+            diffusion_model = model_files.load_transformer_file(path, **options)
         if text_encoder == FROM_FOLDER:
             clip = model_files.clip_from_diffusers_folder(folder)
         else:

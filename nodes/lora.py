@@ -12,6 +12,8 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..lora import apply as lora_apply
+from . import paths
+from .input_checks import checked_execution, checked_validation
 
 
 def lora_files() -> list[str]:
@@ -75,10 +77,12 @@ class LTLoraLoader(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, lora_name=None, **_):
         return check_lora_name(lora_name)
 
     @classmethod
+    @checked_execution
     def execute(cls, model, lora_name, strength_model, strength_clip, clip=None) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         new_model, new_clip, report = lora_apply.apply_lora(model, clip, path, strength_model, strength_clip)
@@ -126,16 +130,24 @@ class LTLoraConvert(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, lora_name=None, output_name=None, **_):
-        if output_name and (os.sep in output_name or "/" in output_name or output_name.startswith(".")):
-            return f"output_name: expected a plain file name, got {output_name!r}"
+        if output_name:  # linked (None here): checked in execute
+            try:
+                paths.plain_file_name(output_name, "output_name")
+            except paths.PathRefused as error:
+                return str(error)
         return check_lora_name(lora_name)
 
     @staticmethod
     def paths(lora_name, output_name):
-        """(input path, output path): the output goes next to the input, in the same loras folder."""
+        """(input path, output path): the output goes next to the input, in the same loras folder.
+
+        The output name is checked here, where it is used: a linked value never reached validate_inputs.
+        """
         src = folder_paths.get_full_path_or_raise("loras", lora_name)
         name = (output_name or "").strip() or os.path.splitext(os.path.basename(lora_name))[0] + "_comfy"
+        paths.plain_file_name(name, "output_name")
         if not name.endswith(".safetensors"):
             name += ".safetensors"
         return src, os.path.join(os.path.dirname(src), name)
@@ -151,8 +163,10 @@ class LTLoraConvert(io.ComfyNode):
             return None
 
     @classmethod
+    @checked_execution
     def execute(cls, lora_name, output_name, overwrite, model=None) -> io.NodeOutput:
         src, dst = cls.paths(lora_name, output_name)
+        paths.model_folder_file("loras", dst, "output_name")  # a symlinked sub-folder must not carry it out
         if os.path.exists(dst) and not overwrite:
             raise ValueError(f"output_name: {dst} exists; choose another name or set overwrite")
         shapes = None

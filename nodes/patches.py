@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from ..lora.apply import is_nextdit
 from ..patches import context_drop, scaled_rope
 from ..samplers import rope_scaling
+from .input_checks import checked_execution, checked_validation
 
 CONTEXT_DEFAULTS = context_drop.ContextDropSettings()
 
@@ -77,6 +78,7 @@ class LTContextDrop(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, kernel=None, start_sigma=None, end_sigma=None, layers=None, **_):
         try:
             if None not in (kernel, start_sigma, end_sigma):
@@ -88,11 +90,12 @@ class LTContextDrop(io.ComfyNode):
         return True
 
     @classmethod
+    @checked_execution
     def execute(cls, model, kernel, start_sigma, end_sigma, layers) -> io.NodeOutput:
         require_nextdit(model, "LTContextDrop")
-        settings = context_drop.ContextDropSettings(
-            kernel, start_sigma, end_sigma, context_drop.parse_layers(layers)
-        )
+        chosen = context_drop.parse_layers(layers)
+        context_drop.check_layers(chosen, len(model.get_model_object("diffusion_model").layers))
+        settings = context_drop.ContextDropSettings(kernel, start_sigma, end_sigma, chosen)
         return io.NodeOutput(context_drop.apply_context_drop(model, settings))
 
 
@@ -123,7 +126,7 @@ class LTScaledRoPE(io.ComfyNode):
                 io.Int.Input(
                     "train_resolution",
                     default=1024,
-                    min=64,
+                    min=16,  # one 16-pixel patch (2x2 latent): the smallest grid a NextDiT has
                     max=16384,
                     step=16,
                     tooltip="The resolution (pixels per side) the model was trained at; Lumina-2 and "
@@ -134,12 +137,14 @@ class LTScaledRoPE(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, mode=None, train_resolution=None, **_):
         if mode is not None and mode not in rope_scaling.MODES:
             return f"mode: expected one of {list(rope_scaling.MODES)}, got {mode!r}"
         return True
 
     @classmethod
+    @checked_execution
     def execute(cls, model, mode, train_resolution) -> io.NodeOutput:
         require_nextdit(model, "LTScaledRoPE")
         return io.NodeOutput(scaled_rope.apply_scaled_rope(model, mode, train_resolution))

@@ -6,6 +6,8 @@ the nodes call, so the sigma-curve preview never re-implements the math in JavaS
 Answers ``{"node", "params", "sigmas"}`` (ComfyUI sigma: 1 = noise, 0 = data). Values the schedule
 refuses (a user still typing) answer 200 with ``{"node", "error": "..."}`` naming the parameter: the
 preview shows the message, and the browser logs no failed request; an unknown node answers 404.
+Work per request is bounded (at most MAX_PREVIEW_STEPS steps, a schedule of at most
+``schedules.MAX_TOTAL_STEPS`` after denoise) and runs in a worker thread, not on the event loop.
 
 :func:`register_server_routes` is called from the pack's ``comfy_entrypoint`` (ComfyUI loads custom
 nodes before the server adds its routes); in-process hosts without an HTTP server simply get none.
@@ -13,6 +15,7 @@ nodes before the server adds its routes); in-process hosts without an HTTP serve
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -87,7 +90,10 @@ def register(routes) -> None:
         query = dict(request.query)
         node = query.pop("node", "")
         try:
-            return web.json_response(preview_sigmas(node, query))
+            # bounded (MAX_PREVIEW_STEPS, schedules.MAX_TOTAL_STEPS) and off the event loop besides:
+            # no request can stall the server's other requests and websockets
+            answer = await asyncio.get_running_loop().run_in_executor(None, preview_sigmas, node, query)
+            return web.json_response(answer)
         except UnknownNode as err:
             return web.json_response({"node": node, "error": str(err)}, status=404)
         except PreviewError as err:

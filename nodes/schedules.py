@@ -21,6 +21,7 @@ from ..samplers.schedules import (
     anchor_sigmas,
     sigmoid_sigmas,
 )
+from .input_checks import checked_execution, checked_validation
 from .sigma_plot import sigma_plot
 
 # Widget limits; validate_inputs enforces them too (ComfyUI skips its own min/max check for inputs
@@ -91,10 +92,8 @@ class LTSigmoidScheduler(io.ComfyNode):
                     max=LIMITS["slope"][1],
                     step=0.1,
                     tooltip="Steepness of the logistic: 0 = uniform steps, larger = more steps at both "
-                    "ends. Default 2 (center 0.5): on the exact-flow sweep (make bench BENCH=schedules) "
-                    "1.8 % lower error than uniform on average, 6 % with dpmpp_2m; a tie with heun and "
-                    "flow_midpoint (up to 3 % worse at some step counts). Slopes 3-4 starve the middle and "
-                    "are worse.",
+                    "ends. Default 2: the best average on the exact-flow sweep (README, Schedules); "
+                    "slopes 3-4 starve the middle and are worse.",
                 ),
                 io.Float.Input(
                     "center",
@@ -103,8 +102,7 @@ class LTSigmoidScheduler(io.ComfyNode):
                     max=LIMITS["center"][1],
                     step=0.01,
                     tooltip="Step fraction where steps are largest. 0.5 = symmetric; smaller puts the large "
-                    "steps earlier (more small steps near the data end). On the sweep 0.6 was 0.4 % better "
-                    "on average but worse than uniform more often; 0.4 was worse.",
+                    "steps earlier (more small steps near the data end).",
                 ),
                 io.Float.Input(
                     "denoise",
@@ -122,6 +120,7 @@ class LTSigmoidScheduler(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, steps, slope, center, denoise):
         values = {"steps": steps, "slope": slope, "center": center, "denoise": denoise}
         return _check_inputs(
@@ -129,6 +128,7 @@ class LTSigmoidScheduler(io.ComfyNode):
         )
 
     @classmethod
+    @checked_execution
     def execute(cls, steps, slope, center, denoise, model=None) -> io.NodeOutput:
         def build(shift):
             return sigmoid_sigmas(steps, slope=slope, center=center, shift=shift, denoise=denoise)
@@ -200,6 +200,7 @@ class LTAnchorScheduler(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, steps, shift, convention, denoise):
         values = {"steps": steps, "shift": shift, "convention": convention, "denoise": denoise}
         return _check_inputs(
@@ -207,6 +208,7 @@ class LTAnchorScheduler(io.ComfyNode):
         )
 
     @classmethod
+    @checked_execution
     def execute(cls, steps, shift, convention, denoise) -> io.NodeOutput:
         sigmas = anchor_sigmas(steps, shift, convention=convention, denoise=denoise)
         title = f"LTAnchorScheduler · {steps} steps · shift {shift:g} · {convention}"
@@ -234,7 +236,7 @@ class LTFlowMidpointSampler(io.ComfyNode):
                     options=list(FINAL_STEPS),
                     default="midpoint",
                     tooltip="How the last interval (to sigma 0) is taken. midpoint: 2 calls, like every "
-                    "other interval (default; clearly more accurate on the benchmark). euler: 1 "
+                    "other interval (default; more accurate, README). euler: 1 "
                     "call, x = denoised (saves one model call).",
                 ),
             ],
@@ -242,12 +244,14 @@ class LTFlowMidpointSampler(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, final_step):
         if final_step is not None and final_step not in FINAL_STEPS:
             return f"final_step must be one of {list(FINAL_STEPS)}, got {final_step!r}"
         return True
 
     @classmethod
+    @checked_execution
     def execute(cls, final_step) -> io.NodeOutput:
         return io.NodeOutput(
             comfy.samplers.KSAMPLER(sample_flow_midpoint, extra_options={"final_step": final_step})

@@ -12,10 +12,12 @@ from comfy_api.latest import io, ui
 
 from ..training import config as cfg
 from ..training import data_files, optim, options
-from ..training.dataset import build_from_folder
+from ..training.dataset import build_dataset
 from ..training.engine import LoraTrainer
 from ..training.latent_dataset import latent_dataset
 from ..training.save import SAVE_FORMATS, save_lora_file
+from . import paths
+from .input_checks import checked_execution, checked_validation
 from .training_inputs import config_values, node_inputs
 
 DATASET = io.Custom("LT_DATASET")
@@ -31,9 +33,28 @@ def _input_dir() -> str:
     return folder_paths.get_input_directory()
 
 
+def _dataset_root(folder) -> Path:
+    # the path policy first: nothing outside input/ (or an allowed root) is looked at
+    return data_files.resolve_folder(str(paths.dataset_folder(folder)), _input_dir())
+
+
 def _scan(folder: str, num_repeats: int = 1):
-    root = data_files.resolve_folder(folder, _input_dir())
-    return data_files.scan_folder(root, num_repeats=num_repeats)
+    records = data_files.scan_folder(_dataset_root(folder), num_repeats=num_repeats)
+    paths.check_files_inside([r.path for r in records], "folder")
+    return records
+
+
+def _cache_root(cache_dir) -> Path:
+    if not (cache_dir or "").strip():
+        return paths.output_subfolder(CACHE_FOLDER, input_name="cache_dir")
+    return paths.cache_folder(cache_dir)
+
+
+def _check_run_name(run_name) -> None:
+    if not isinstance(run_name, str) or not _RUN_NAME.match(run_name):
+        raise paths.PathRefused(
+            f"run_name: {run_name!r} must be 1-100 letters, digits, '.', '_' or '-' (it names a folder)"
+        )
 
 
 def _choice_error(values: dict, choices: dict) -> str | None:
@@ -61,8 +82,9 @@ class LTDataset(io.ComfyNode):
                 io.String.Input(
                     "folder",
                     default="",
-                    tooltip="Folder under ComfyUI's input/ folder (e.g. 'my_concept') or an absolute path. "
-                    "Every image needs a .txt caption with the same name. Empty when latents are connected.",
+                    tooltip="Folder under ComfyUI's input/ folder (e.g. 'my_concept'); elsewhere only where "
+                    "the server allows it (LUMINA_TURBO_TRAINING_ROOTS). Every image needs a .txt caption "
+                    "with the same name. Empty when latents are connected.",
                 ),
                 io.Vae.Input(
                     "vae",
@@ -79,7 +101,8 @@ class LTDataset(io.ComfyNode):
                     "cache_dir",
                     default="",
                     optional=True,
-                    tooltip=f"Cache folder; empty = ComfyUI output/{CACHE_FOLDER}/. Safe to delete any time.",
+                    tooltip=f"Cache folder under ComfyUI's output/ (or an allowed training root); empty = "
+                    f"output/{CACHE_FOLDER}/. Safe to delete any time.",
                 ),
                 io.Latent.Input(
                     "latents",
@@ -103,15 +126,18 @@ class LTDataset(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, folder, system_prompt):
+    @checked_validation
+    def validate_inputs(cls, folder, system_prompt, cache_dir=None):
         error = _choice_error({"system_prompt": system_prompt}, {"system_prompt": options.SYSTEM_PROMPTS})
         if error:
             return error
-        if not (folder or "").strip():
-            return True  # latents may be connected (a link's value is not known yet); execute checks
         try:
-            _scan(folder)
-        except data_files.DatasetError as exc:
+            # linked, or empty (latents may be connected; a link's value is not known yet): execute checks
+            if folder is not None and folder.strip():
+                _scan(folder)
+            if cache_dir is not None:
+                _cache_root(cache_dir)
+        except ValueError as exc:  # DatasetError, PathRefused
             return str(exc)
         return True
 
@@ -122,10 +148,11 @@ class LTDataset(io.ComfyNode):
         # Re-run when images or captions change, even though the widget values did not.
         try:
             return data_files.folder_fingerprint(_scan(folder, num_repeats))
-        except data_files.DatasetError as exc:
+        except ValueError as exc:  # DatasetError, PathRefused: execute reports it
             return str(exc)
 
     @classmethod
+    @checked_execution
     def execute(
         cls,
         folder,
@@ -149,14 +176,12 @@ class LTDataset(io.ComfyNode):
             raise data_files.DatasetError("folder: leave it empty when latents are connected (one source)")
         if latents is None and not (folder or "").strip():
             raise data_files.DatasetError(
-                "folder: empty; give a folder under ComfyUI's input/ folder or an absolute path, or connect latents"
+                "folder: empty; give a folder under ComfyUI's input/ folder, or connect latents"
             )
-        root = None if latents is not None else data_files.resolve_folder(folder, _input_dir())
-        if root is not None and vae is None:
+        records = None if latents is not None else _scan(folder, num_repeats)
+        if records is not None and vae is None:
             raise data_files.DatasetError("vae: needed to encode the images of a folder (or connect latents)")
-        cache_root = (
-            Path(cache_dir) if cache_dir.strip() else Path(folder_paths.get_output_directory()) / CACHE_FOLDER
-        )
+        cache_root = _cache_root(cache_dir)
         bar = None
 
         def progress(done, total):
@@ -176,9 +201,8 @@ class LTDataset(io.ComfyNode):
         if latents is not None:
             dataset = latent_dataset(latents, captions or "", num_repeats=num_repeats, **shared)
         else:
-            dataset = build_from_folder(
-                root,
-                num_repeats=num_repeats,
+            dataset = build_dataset(
+                records,
                 vae=vae,
                 resolution=resolution,
                 bucket_step=bucket_step,
@@ -219,7 +243,7 @@ class LTLoraTrainer(io.ComfyNode):
             display_name="LT AC-RF LoRA Trainer",
             category="LuminaTurbo/training",
             description=(
-                "Trains a LoRA on Lumina-2 / Z-Image with AC-RF anchor timesteps (the Turbo schedule), the seed's "
+                "Trains a LoRA on Lumina-2 / Z-Image with AC-RF anchor timesteps (the Turbo schedule), the AC-RF trainer's "
                 "loss modes in velocity space, Min-SNR, replay and curvature options. Each latent trains against "
                 "its own caption. Checkpoints every N steps and on interrupt to ComfyUI output/"
                 f"{RUNS_FOLDER}/<run_name>/; queue it again to resume exactly. Live loss: the "
@@ -259,6 +283,7 @@ class LTLoraTrainer(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(
         cls,
         run_name,
@@ -281,27 +306,27 @@ class LTLoraTrainer(io.ComfyNode):
         error = _choice_error(values, COMBOS) or optim.missing_package(optimizer)
         if error:
             return error
-        if not _RUN_NAME.match(run_name or ""):
-            return (
-                f"run_name: {run_name!r} must be 1-100 letters, digits, '.', '_' or '-' (it names a folder)"
-            )
         try:
+            if run_name is not None:  # linked: checked in execute
+                _check_run_name(run_name)
             widgets = cfg.TrainConfig(
                 gradient_checkpointing=gradient_checkpointing, blocks_to_swap=blocks_to_swap
             )
             cfg.parse_advanced(advanced or "", cfg.validate(widgets, "LTLoraTrainer"), reserved=RESERVED)
-        except cfg.ConfigError as exc:
+        except (cfg.ConfigError, paths.PathRefused) as exc:
             return str(exc)
         return True
 
     @classmethod
+    @checked_execution
     def execute(cls, model, dataset, run_name, advanced="", **widgets) -> io.NodeOutput:
         import comfy.model_management
         import comfy.sd
         import comfy.utils
 
+        _check_run_name(run_name)
+        run_dir = paths.output_subfolder(RUNS_FOLDER, run_name, input_name="run_name")
         config = trainer_config(widgets, advanced or "")
-        run_dir = Path(folder_paths.get_output_directory()) / RUNS_FOLDER / run_name
         node_id = cls.hidden.unique_id
         bar = comfy.utils.ProgressBar(config.max_train_steps)
 
@@ -390,24 +415,35 @@ class LTSaveLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename_prefix, save_dtype, format):  # noqa: A002 - the input's name
+    @checked_validation
+    def validate_inputs(cls, filename_prefix, save_dtype, format):
         error = _choice_error(
             {"save_dtype": save_dtype, "format": format},
             {"save_dtype": options.SAVE_DTYPES, "format": SAVE_FORMATS},
         )
         if error:
             return error
-        prefix = (filename_prefix or "").replace("\\", "/")
-        if not prefix.strip() or prefix.startswith("/") or ".." in prefix.split("/"):
-            return f"filename_prefix: {filename_prefix!r} must be a relative name inside models/loras/"
+        if filename_prefix is not None:  # linked: checked in execute
+            return _prefix_error(filename_prefix) or True
         return True
 
     @classmethod
-    def execute(cls, lora, filename_prefix, save_dtype, format) -> io.NodeOutput:  # noqa: A002
+    @checked_execution
+    def execute(cls, lora, filename_prefix, save_dtype, format) -> io.NodeOutput:
+        error = _prefix_error(filename_prefix)
+        if error:
+            raise paths.PathRefused(error)
         loras_dir = folder_paths.get_folder_paths("loras")[0]
         path = save_lora_file(lora, loras_dir, filename_prefix, dtype=save_dtype, key_format=format)
         name = os.path.relpath(path, loras_dir).replace(os.sep, "/")
         return io.NodeOutput(ui=ui.PreviewText(f"saved {name} in {loras_dir}"))
+
+
+def _prefix_error(filename_prefix) -> str | None:
+    prefix = (filename_prefix or "").replace("\\", "/")
+    if not prefix.strip() or prefix.startswith("/") or ".." in prefix.split("/") or "\x00" in prefix:
+        return f"filename_prefix: {filename_prefix!r} must be a relative name inside models/loras/"
+    return None
 
 
 NODES = [LTDataset, LTLoraTrainer, LTSaveLora]

@@ -88,8 +88,14 @@ def dropping_layers(strength: float, candidates: list[int]) -> frozenset[int]:
     return frozenset(candidates[(i * len(candidates)) // count] for i in range(count))
 
 
+MAX_LAYER_INDEX = 999  # deeper than any NextDiT (Lumina-2: 26 layers, Z-Image: 30); bounds '0-20000000'
+
+
 def parse_layers(text: str) -> tuple[int, ...] | None:
-    """``"all"`` -> None; ``"0-5, 10"`` -> (0, 1, 2, 3, 4, 5, 10). Raises ValueError naming the input."""
+    """``"all"`` -> None; ``"0-5, 10"`` -> (0, 1, 2, 3, 4, 5, 10). Raises ValueError naming the input.
+
+    Indices above MAX_LAYER_INDEX are refused before any range is built; :func:`check_layers` then
+    holds them to the model's real depth."""
     text = text.strip().lower()
     if text in ("", "all"):
         return None
@@ -97,19 +103,21 @@ def parse_layers(text: str) -> tuple[int, ...] | None:
     for part in text.split(","):
         part = part.strip()
         try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if lo > hi or lo < 0:
-                    raise ValueError
-                out.update(range(lo, hi + 1))
-            else:
-                value = int(part)
-                if value < 0:
-                    raise ValueError
-                out.add(value)
+            lo, hi = (int(x) for x in part.split("-", 1)) if "-" in part else (int(part),) * 2
+            if lo > hi or lo < 0:
+                raise ValueError
         except ValueError:
             raise ValueError(f"layers: expected 'all' or indices like '0-5, 10', got {text!r}") from None
+        if hi > MAX_LAYER_INDEX:  # before the range is built
+            raise ValueError(f"layers: indices go up to {MAX_LAYER_INDEX} at most, got {text!r}")
+        out.update(range(lo, hi + 1))
     return tuple(sorted(out))
+
+
+def check_layers(layers: tuple[int, ...] | None, depth: int) -> None:
+    """ValueError naming the input when an index is not one of the model's ``depth`` main layers."""
+    if layers and max(layers) >= depth:
+        raise ValueError(f"layers: the model has {depth} main layers (0-{depth - 1}), got index {max(layers)}")
 
 
 def pool_grid(tokens: torch.Tensor, grid: tuple[int, int], kernel: int) -> torch.Tensor:

@@ -161,7 +161,7 @@ def cfg_is_active(trunc_mode: str, trunc_value, sigma, sample_sigmas, step: int 
       while ``1 - sigma_i <= value`` with sigma_i = ``sample_sigmas[i]``, the step's start, and t_norm
       computed in float32 from the timestep 1000 * sigma_i as the pipeline does.
     * ``sigma``: while ``sigma >= value``, per model call.
-    * ``last_steps`` -- seed 001's ``cfg_truncate_steps`` (``is_final_steps = step_idx >= len(timesteps) - n``):
+    * ``last_steps`` -- the Wan 2.x recipe's ``cfg_truncate_steps`` (``is_final_steps = step_idx >= len(timesteps) - n``):
       while ``i < N - value``.
     """
     if trunc_mode == "off":
@@ -201,28 +201,6 @@ def guided_steps(trunc_mode: str, trunc_value, sample_sigmas) -> list[bool]:
 
 
 # --- guided velocity ------------------------------------------------------------------------------------
-
-
-def _per_sample(sigma, like: torch.Tensor) -> torch.Tensor:
-    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device).reshape(-1)
-    if sigma.numel() not in (1, like.shape[0]):
-        raise ValueError(
-            f"sigma must be a number or one value per sample ({like.shape[0]}), got {sigma.numel()}"
-        )
-    return sigma.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def denoised_to_velocity(x: torch.Tensor, denoised: torch.Tensor, sigma) -> torch.Tensor:
-    """Flow velocity ``v = (x - denoised) / sigma`` (ComfyUI CONST, sigma 1 = noise, v = eps - x0).
-
-    ``sigma`` is a number or one value per sample. Undefined at sigma = 0, where ComfyUI never calls the model.
-    """
-    return (x - denoised) / _per_sample(sigma, x)
-
-
-def velocity_to_denoised(x: torch.Tensor, velocity: torch.Tensor, sigma) -> torch.Tensor:
-    """Denoised x0 prediction ``x - sigma * v`` (ComfyUI CONST, sigma 1 = noise); inverse of the above."""
-    return x - _per_sample(sigma, x) * velocity
 
 
 def combine_cfg(

@@ -1,4 +1,4 @@
-"""Sigma schedules for flow-matching models: the rational time shift, AC-RF anchors, Lumina-Next sigmoid.
+"""Sigma schedules for flow-matching models: AC-RF anchors and the Lumina-Next sigmoid (shift: samplers/flow.py).
 
 Time convention used everywhere in this module: **ComfyUI sigma**, 1 = pure noise, 0 = data, with
 ``x_sigma = (1 - sigma) * x0 + sigma * noise``. Lumina code uses ``t = 1 - sigma`` (t = 0 is noise);
@@ -11,11 +11,16 @@ from numbers import Real
 
 import torch
 
+from .flow import check_shift, time_shift
+
 ANCHOR_CONVENTIONS = ("zimage", "diffusers")
-# Defaults chosen on benchmarks/exact_flow.py (see sigmoid_sigmas' docstring).
+# Defaults chosen by the sigmoid sweep of benchmarks/bench_schedules.py (see sigmoid_sigmas).
 SIGMOID_DEFAULT_SLOPE = 2.0
 SIGMOID_DEFAULT_CENTER = 0.5
 _DIFFUSERS_TRAIN_TIMESTEPS = 1000
+# Bound on the schedule actually built (steps / denoise): 100k float64 sigmas take ~1 ms and 1 MB;
+# without it steps 1000 at denoise 1e-5 built 1e8 sigmas (seconds, GBs) on the caller's thread.
+MAX_TOTAL_STEPS = 100_000
 
 
 def check_steps(steps, name: str = "steps") -> int:
@@ -27,16 +32,6 @@ def check_steps(steps, name: str = "steps") -> int:
     if isinstance(steps, bool) or not isinstance(steps, Real) or steps != int(steps) or steps < 1:
         raise ValueError(f"{name} must be a whole number >= 1, got {steps!r}")
     return int(steps)
-
-
-def check_shift(shift, name: str = "shift") -> float:
-    """Return ``shift`` as a float, or raise ValueError unless it is a finite number > 0.
-
-    The shift acts on ComfyUI sigma (1 = noise); shift > 1 spends more steps near the noise end.
-    """
-    if isinstance(shift, bool) or not isinstance(shift, Real) or not math.isfinite(shift) or shift <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {shift!r}")
-    return float(shift)
 
 
 def check_denoise(denoise, name: str = "denoise") -> float:
@@ -71,26 +66,26 @@ def check_sigmas(sigmas: torch.Tensor, name: str = "sigmas", start: float | None
     return sigmas
 
 
-def time_shift(t, shift):
-    """Rational time shift ``sigma' = shift * sigma / (1 + (shift - 1) * sigma)`` on ComfyUI sigma.
-
-    ``t`` is a ComfyUI sigma (1 = noise, 0 = data; the name follows comfy.model_sampling.time_snr_shift,
-    which this equals). In Lumina's t = 1 - sigma it is Lumina's ``t / (t + shift - shift * t)``;
-    diffusers/SD3/Flux call it the static shift. It fixes 0 and 1 and is monotone; shift > 1 moves
-    sigmas towards the noise end. Works on floats and tensors (returned with the input's type/dtype).
-    """
-    shift = check_shift(shift)
-    if shift == 1.0:
-        return t
-    return shift * t / (1 + (shift - 1) * t)
+def total_steps(steps: int, denoise: float) -> int:
+    """Intervals of the full schedule that ``steps`` at ``denoise`` keeps the tail of (BasicScheduler's
+    ``int(steps / denoise)``); ValueError naming denoise when it exceeds MAX_TOTAL_STEPS."""
+    if denoise >= 1.0:
+        total = float(steps)
+    else:
+        total = steps / denoise  # a float first: int() of inf (denoise 5e-324) would overflow
+    if not total <= MAX_TOTAL_STEPS:
+        raise ValueError(
+            f"denoise {denoise!r} with {steps} steps needs a schedule of {total:.3g} steps; at most "
+            f"{MAX_TOTAL_STEPS} (use denoise >= {steps / MAX_TOTAL_STEPS:.3g} or fewer steps)"
+        )
+    return int(total)
 
 
 def _with_denoise(build, steps: int, denoise: float) -> torch.Tensor:
     # Same rule as ComfyUI's BasicScheduler: a longer schedule whose tail we keep.
     if denoise <= 0.0:
         return torch.zeros(0, dtype=torch.float32)
-    total_steps = steps if denoise >= 1.0 else int(steps / denoise)
-    return build(total_steps)[-(steps + 1) :]
+    return build(total_steps(steps, denoise))[-(steps + 1) :]
 
 
 def _pin_endpoints(sigmas: torch.Tensor) -> torch.Tensor:
@@ -112,7 +107,7 @@ def _diffusers_anchors(steps: int, shift: float) -> torch.Tensor:
     # smallest entry of the 1000-entry table (computed in float32), and the linspace between
     # sigma_max and sigma_min is shifted again. The last non-zero sigma is therefore not 1/N-uniform.
     table_ends = torch.tensor([1000.0, 1.0], dtype=torch.float32) / _DIFFUSERS_TRAIN_TIMESTEPS
-    table_ends = shift * table_ends / (1 + (shift - 1) * table_ends)
+    table_ends = time_shift(table_ends, shift)
     sigma_max, sigma_min = (float(v) for v in table_ends)
     timesteps = torch.linspace(
         sigma_max * _DIFFUSERS_TRAIN_TIMESTEPS,
@@ -121,7 +116,7 @@ def _diffusers_anchors(steps: int, shift: float) -> torch.Tensor:
         dtype=torch.float64,
     )
     sigmas = timesteps / _DIFFUSERS_TRAIN_TIMESTEPS
-    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    sigmas = time_shift(sigmas, shift)
     return torch.cat([sigmas.to(torch.float32), torch.zeros(1, dtype=torch.float32)])
 
 
@@ -192,15 +187,9 @@ def sigmoid_sigmas(
     shift: 3 for Z-Image, 6 for Lumina-Image-2.0); endpoints stay exact.
 
     Defaults (slope 2.0, center 0.5) come from the sigmoid sweep of ``make bench BENCH=schedules``
-    (benchmarks/bench_schedules.py: exact flows of 4 Gaussian mixtures, slope 0-4 x center 0.4-0.6,
-    euler / heun / dpmpp_2m / flow_midpoint, NFE 4-30, terminal error relative to uniform at equal NFE).
-    Averaged over all 24 solver x budget cells they lower the error by 1.8 %, second only to slope 2,
-    center 0.6 (2.2 %, but worse than uniform in 10 cells against 6). The gain is dpmpp_2m's (6 % on
-    average, better at every budget) and euler's (0.8 %); with heun and flow_midpoint it is a tie with
-    uniform (-0.7 % / +0.8 % on average, up to 3 % worse at single budgets). Slopes 3-4 starve the middle,
-    where trajectories choose their mode, and are worse than uniform for heun, dpmpp_2m and the midpoint.
-    Those mixtures are low-dimensional and need no shift; image models at high resolution do (pass their
-    shift).
+    (numbers in the README and benchmarks/results/schedules.json). Steeper slopes starve the middle,
+    where trajectories choose their mode. Those mixtures need no shift; image models at high resolution
+    do (pass their shift).
 
     ``denoise`` < 1 works like ComfyUI's BasicScheduler (build ``int(steps / denoise)`` steps and keep
     the last ``steps + 1``); 0 returns an empty tensor. Raises ValueError for steps < 1, slope < 0,

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pack_import import register_pack  # noqa: E402
+from pack_import import register_pack
 
 
 def main(argv=None) -> int:

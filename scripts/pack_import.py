@@ -1,7 +1,8 @@
 """Make this repository importable as the package ``lumina_turbo`` (whatever its folder is called).
 
-Used by the test suite, the scripts and the benchmarks; inside ComfyUI the pack is imported by
-ComfyUI's own custom-node loader instead.
+Used by scripts/convert_lora.py, which a user runs from their clone; inside ComfyUI the pack is
+imported by ComfyUI's own custom-node loader, and in the development environment (.venv) through its
+link in .comfyui/custom_nodes.
 """
 
 import importlib.util

@@ -141,7 +141,7 @@ class FeatureCache:
 
             with safe_open(str(path), framework="pt") as handle:
                 return len(list(handle.keys())) > 0
-        except Exception:  # noqa: BLE001 - any unreadable file is simply encoded again
+        except Exception:
             return False
 
 

@@ -61,11 +61,11 @@ def load_checkpoint(run_dir) -> dict | None:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - report which file is unusable
+    except Exception as exc:
         previous = previous_checkpoint_path(run_dir)
         try:
             state = torch.load(previous, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - no usable fallback: report the newest file's problem
+        except Exception:
             raise CheckpointMismatch(
                 f"checkpoint {path} cannot be read ({exc}); delete it or set resume = false"
             ) from exc

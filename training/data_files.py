@@ -74,7 +74,14 @@ def scan_folder(root: Path, *, num_repeats: int = 1, caption_extension: str = ".
         )
     records = []
     for path, repeats in found:
-        caption = path.with_suffix(caption_extension).read_text(encoding="utf-8").strip()
+        caption_file = path.with_suffix(caption_extension)
+        try:
+            caption = caption_file.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise DatasetError(
+                f"folder: caption {caption_file.relative_to(root)} is not UTF-8 text (byte {exc.start}); "
+                "save it as UTF-8"
+            ) from None
         records.append(ImageRecord(path=path, caption=caption, repeats=repeats))
     return records
 

@@ -139,11 +139,15 @@ def build_dataset(
     max_sequence_length: int = 512,
     system_prompt: str = "none",
     progress: Callable[[int, int], None] | None = None,
+    share: tuple[int, int] = (0, 1),
 ) -> CachedDataset:
     """Encode what the cache lacks and return the dataset; ``progress(done, total)`` is called per item.
 
     ``progress`` may raise (ComfyUI's interrupt) - files already written stay valid.
+    ``share = (rank, world)``: encode only every world-th missing latent and prompt, from the rank-th on;
+    the other processes of a run encode the rest, and the dataset is complete once all have finished.
     """
+    rank, world = share
     feature_cache = cache.FeatureCache(cache_root, cache.vae_fingerprint(vae), cache.clip_fingerprint(clip))
     stats = {
         "images": len(records),
@@ -163,7 +167,7 @@ def build_dataset(
             progress(done, total)
 
     items = []
-    for record in records:
+    for position, record in enumerate(records):
         image_sha = cache.sha256_file(record.path)
         image = buckets.load_image(record.path)
         size = buckets.target_size(
@@ -177,7 +181,7 @@ def build_dataset(
         latent_file = feature_cache.latent_path(image_sha, size)
         if feature_cache.readable(latent_file):
             stats["latents_cached"] += 1
-        else:
+        elif position % world == rank:
             latent = cache.encode_latent(vae, buckets.fit_to_bucket(image, size))
             cache.atomic_save_safetensors({"latent": latent}, latent_file)
             stats["latents_encoded"] += 1
@@ -188,11 +192,11 @@ def build_dataset(
             )
         )
         step()
-    for prompt in unique_prompts:
+    for position, prompt in enumerate(unique_prompts):
         text_file = feature_cache.text_path(prompt)
         if feature_cache.readable(text_file):
             stats["texts_cached"] += 1
-        else:
+        elif position % world == rank:
             cache.atomic_save_safetensors(cache.encode_prompt(clip, prompt), text_file)
             stats["texts_encoded"] += 1
         step()

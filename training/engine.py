@@ -6,6 +6,10 @@ no saved state; every random draw (sigmas, anchors, jitter, noise, caption dropo
 the trainer's own CPU ``torch.Generator``, whose state is checkpointed. Hence an interrupted run resumes
 bit-exactly on the same device.
 
+Several processes (training/distributed.py) train one global micro-batch of batch_size x world_size
+items: every rank plans all of it with an equal generator, trains its contiguous share, and the LoRA
+gradients are summed once per optimizer step; so N processes x batch b follow 1 process x batch N*b.
+
 Each sample trains against its own caption: a micro-batch is split into groups of equal latent size
 and caption length, and each group is one forward pass of exactly those samples (ComfyUI's
 TrainLoraNode instead evaluates every caption on every latent and averages, for batch > 1).
@@ -43,19 +47,19 @@ from ..losses import (
     default_curvature_step,
     flow_loss,
     min_snr_weight,
-    noisy_latent,
     reduce_loss,
     resolve_loss_params,
     sample_anchor_sigmas,
     sample_shifted_sigmoid_sigmas,
     sample_uniform_sigmas,
     training_anchor_sigmas,
-    velocity_target,
 )
+from ..samplers.flow import noisy_latent, velocity_target
 from . import checkpoint as ckpt
 from . import lora, model_patch, optim
 from .config import TrainConfig, run_identity
 from .dataset import CachedDataset
+from .distributed import SINGLE_PROCESS, Ranks
 from .save import FAMILY_KEY
 
 log = logging.getLogger("lumina_turbo.training")
@@ -98,10 +102,10 @@ class Prepared:
     cond: torch.Tensor  # [1, L, D], this sample's own caption (or the empty one)
 
 
-def total_steps(config: TrainConfig, dataset: CachedDataset) -> int:
+def total_steps(config: TrainConfig, dataset: CachedDataset, world_size: int = 1) -> int:
     """Optimizer steps of the run: from num_train_epochs when set, else max_train_steps."""
     if config.num_train_epochs > 0:
-        micro = config.num_train_epochs * dataset.batches_per_epoch(config.batch_size)
+        micro = config.num_train_epochs * dataset.batches_per_epoch(config.batch_size * world_size)
         return max(1, math.ceil(micro / config.gradient_accumulation_steps))
     return config.max_train_steps
 
@@ -116,12 +120,17 @@ class LoraTrainer:
         run_dir=None,
         on_step: Callable[[int, int, float, float], None] | None = None,
         check_interrupt: Callable[[], None] | None = None,
+        ranks: Ranks = SINGLE_PROCESS,
     ):
         self.config, self.model, self.dataset = config, model, dataset
+        # Several processes train one global micro-batch of batch_size x world_size samples, planned
+        # identically on every rank (same generator state) and split between them.
+        self.ranks = ranks
+        self.global_batch = config.batch_size * ranks.world_size
         self.run_dir = Path(run_dir) if run_dir else None
         self.on_step = on_step
         self.check_interrupt = check_interrupt or (lambda: None)
-        self.total = total_steps(config, dataset)
+        self.total = total_steps(config, dataset, ranks.world_size)
         self.loss_params = resolve_loss_params(config.loss_mode, config.loss_params)
         self.anchors = training_anchor_sigmas(
             config.turbo_steps, config.shift, convention=config.anchor_convention
@@ -159,6 +168,7 @@ class LoraTrainer:
         self.loss_history: list[float] = []
         self.lr_history: list[float] = []
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self._latent_shapes: dict[int, tuple[int, ...]] = {}
         self._phase = "idle"  # idle | accumulating | updating
         self._snapshot: dict | None = None
         self.identity = {
@@ -168,12 +178,19 @@ class LoraTrainer:
         }
 
     # ----- state ---------------------------------------------------------------------------------
-    def _state(self, *, from_snapshot: bool) -> dict:
-        source = (
-            self._snapshot
-            if from_snapshot
-            else {"generator": self.generator.get_state(), "replay": self.replay.state_dict()}
-        )
+    def _mark_step_boundary(self) -> None:
+        """Remember the randomness a checkpoint written before the next optimizer step holds (the LoRA and
+        optimizer change only in that step): every rank's generator state, gathered here so that writing
+        a checkpoint, even on an interrupt, needs no other process."""
+        self._snapshot = {
+            "generators": self.ranks.all_gather_tensor(
+                self.generator.get_state(), "gathering the RNG states"
+            ),
+            "replay": self.replay.state_dict(),
+        }
+
+    def _state(self) -> dict:
+        source = self._snapshot
         return {
             "identity": self.identity,
             "step": self.step,
@@ -181,30 +198,57 @@ class LoraTrainer:
             "lora": lora.lora_state_dict(self.adapters),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "generator": source["generator"],
+            "generator": source["generators"][0],
+            "generators": source["generators"],  # one per rank
+            "world_size": self.ranks.world_size,
             "replay": source["replay"],
             "loss_history": list(self.loss_history),
             "lr_history": list(self.lr_history),
         }
 
-    def save(self, *, from_snapshot: bool = False) -> Path | None:
+    def save(self) -> Path | None:
+        """Write the checkpoint of the last step boundary (rank 0 writes; every rank gets its path)."""
         if self.run_dir is None:
             return None
-        path = ckpt.save_checkpoint(self.run_dir, self._state(from_snapshot=from_snapshot))
+        if not self.ranks.is_main:
+            return ckpt.checkpoint_path(self.run_dir)
+        path = ckpt.save_checkpoint(self.run_dir, self._state())
         log.info("lumina_turbo: checkpoint at step %d/%d written to %s", self.step, self.total, path)
         return path
+
+    def _load_on_main(self) -> dict | None:
+        """Rank 0 reads the checkpoint and hands it to the others (their machines need not see its folder)."""
+        loaded = None
+        if self.ranks.is_main:
+            try:
+                loaded = ("state", ckpt.load_checkpoint(self.run_dir))
+            except ckpt.CheckpointMismatch as exc:
+                loaded = ("error", str(exc))
+        kind, value = self.ranks.broadcast_object(loaded, "sharing the checkpoint")
+        if kind == "error":
+            raise ckpt.CheckpointMismatch(value)
+        return value
 
     def try_resume(self) -> int:
         if self.run_dir is None or not self.config.resume:
             return 0
-        state = ckpt.load_checkpoint(self.run_dir)
+        state = self._load_on_main()
         if state is None:
             return 0
-        ckpt.check_identity(state, self.identity, ckpt.checkpoint_path(self.run_dir))
+        path = ckpt.checkpoint_path(self.run_dir)
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.ranks.world_size:
+            raise ckpt.CheckpointMismatch(
+                f"checkpoint {path} was written by {saved_world} process(es), this run has "
+                f"{self.ranks.world_size}: resume it with {saved_world} (torchrun --nproc_per_node / accelerate "
+                "launch --num_processes, over all machines), or set resume = false or a new checkpoint_dir "
+                "to start over"
+            )
+        ckpt.check_identity(state, self.identity, path)
         lora.load_lora_state(self.adapters, state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state.get("generators", [state["generator"]])[self.ranks.rank])
         self.replay.load_state_dict(state["replay"])
         self.step = int(state["step"])
         self.loss_history, self.lr_history = list(state["loss_history"]), list(state["lr_history"])
@@ -213,11 +257,12 @@ class LoraTrainer:
 
     # ----- data and randomness -------------------------------------------------------------------
     def _batch_items(self, micro_step: int) -> list[int]:
-        per_epoch = self.dataset.batches_per_epoch(self.config.batch_size)
+        """The dataset items of global micro-batch ``micro_step`` (all ranks' shares)."""
+        per_epoch = self.dataset.batches_per_epoch(self.global_batch)
         epoch, position = divmod(micro_step, per_epoch)
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             batches = self.dataset.epoch_batches(
-                epoch, self.config.batch_size, self.config.seed, self.config.shuffle
+                epoch, self.global_batch, self.config.seed, self.config.shuffle
             )
             self._epoch_cache = (epoch, batches)
         return self._epoch_cache[1][position]
@@ -262,6 +307,12 @@ class LoraTrainer:
                 sample.drop_caption = drop
         return samples
 
+    def _latent_shape(self, index: int) -> tuple[int, ...]:
+        """[1, C, h, w] of item ``index``; remembered, so other ranks' samples cost no file reads."""
+        if index not in self._latent_shapes:
+            self._latent_shapes[index] = (1, *self.dataset.latent(index).shape)
+        return self._latent_shapes[index]
+
     # ----- model ---------------------------------------------------------------------------------
     def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         base = self.patcher.model
@@ -272,18 +323,25 @@ class LoraTrainer:
         )
 
     def prepare_micro_batch(self, micro_step: int) -> list[Prepared]:
-        """The samples of micro-batch ``micro_step`` with their latents, noise, jitter and own caption.
+        """This rank's samples of micro-batch ``micro_step`` with their latents, noise, jitter and own caption."""
+        return self._prepare(self._plan(self._batch_items(micro_step)))
 
-        Draws from the trainer's generator in a fixed order: replay plan, sigmas, caption dropout, then
-        per sample its noise (and latent jitter).
-        """
+    def _prepare(self, samples: list[Sample]) -> list[Prepared]:
+        """Draws from the trainer's generator in a fixed order: replay plan, sigmas, caption dropout (in
+        ``_plan``), then per planned sample its noise (and latent jitter). Every rank draws for every
+        sample, so the ranks' generators stay equal and the draws do not depend on the world size; each
+        rank keeps its own share."""
+        mine = self.ranks.share(len(samples))
         prepared = []
-        for sample in self._plan(self._batch_items(micro_step)):
-            x0 = self.patcher.model.process_latent_in(self.dataset.latent(sample.index)[None].float())
-            noise = torch.randn(x0.shape, generator=self.generator)
+        for position, sample in enumerate(samples):
+            shape = self._latent_shape(sample.index)
+            noise = torch.randn(shape, generator=self.generator)
             jitter = None
             if self.config.latent_jitter_scale > 0:
-                jitter = torch.randn(x0.shape, generator=self.generator) * self.config.latent_jitter_scale
+                jitter = torch.randn(shape, generator=self.generator) * self.config.latent_jitter_scale
+            if position not in mine:
+                continue
+            x0 = self.patcher.model.process_latent_in(self.dataset.latent(sample.index)[None].float())
             cond = self.dataset.text(None if sample.drop_caption else sample.index)[None]
             prepared.append(Prepared(sample, x0, noise, jitter, cond))
         return prepared
@@ -328,7 +386,8 @@ class LoraTrainer:
 
     def _micro_step(self, micro_step: int) -> float:
         self.check_interrupt()
-        prepared = self.prepare_micro_batch(micro_step)
+        samples = self._plan(self._batch_items(micro_step))
+        prepared = self._prepare(samples)
         groups: dict[tuple, list[int]] = {}
         for position, item in enumerate(prepared):
             groups.setdefault((tuple(item.x0.shape), tuple(item.cond.shape)), []).append(position)
@@ -337,17 +396,24 @@ class LoraTrainer:
             and self.step >= self.config.curvature_start_step
             and micro_step % self.config.curvature_interval == 0
         )
-        batch, accumulation = len(prepared), self.config.gradient_accumulation_steps
-        losses, flows = torch.zeros(batch), torch.zeros(batch)
+        batch, accumulation = len(samples), self.config.gradient_accumulation_steps
+        losses, flows = torch.zeros(len(prepared)), torch.zeros(len(prepared))
         for members in groups.values():
             per_sample, flow = self.per_sample_losses([prepared[i] for i in members], use_curvature)
-            if not torch.isfinite(per_sample).all():
-                self._diverged(f"the loss is {per_sample.detach().cpu().tolist()}")
-            # mean over the whole micro-batch, taken group by group so each graph is freed early
+            # mean over the whole (global) micro-batch, taken group by group so each graph is freed early;
+            # a non-finite loss is refused below, before any optimizer step
             (reduce_loss(per_sample) * len(members) / batch / accumulation).backward()
             losses[members] = per_sample.detach().float().cpu()
             flows[members] = flow.float().cpu()
-        samples = [p.sample for p in prepared]
+        # every rank records every sample, so the replay buffers (and the verdict below) stay equal
+        sizes = [2 * len(self.ranks.share(batch, rank)) for rank in range(self.ranks.world_size)]
+        shares = self.ranks.all_gather_tensor(
+            torch.cat([losses, flows]), "gathering the per-sample losses", sizes
+        )
+        losses = torch.cat([share[: len(share) // 2] for share in shares])
+        flows = torch.cat([share[len(share) // 2 :] for share in shares])
+        if not torch.isfinite(losses).all():
+            self._diverged(f"the loss is {losses.tolist()}")
         self.replay.record(
             [s.index for s in samples], [s.sigma for s in samples], flows, anchors=[s.anchor for s in samples]
         )
@@ -366,10 +432,10 @@ class LoraTrainer:
         )
 
     def _optimizer_step(self) -> tuple[float, float]:
-        self._snapshot = {"generator": self.generator.get_state(), "replay": self.replay.state_dict()}
         self._phase = "accumulating"
         accumulation = self.config.gradient_accumulation_steps
         micro_losses = [self._micro_step(self.step * accumulation + k) for k in range(accumulation)]
+        self.ranks.sum_gradients(self.params)
         norm = None
         if self.config.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
@@ -388,6 +454,7 @@ class LoraTrainer:
         loss = sum(micro_losses) / len(micro_losses)
         self.loss_history.append(loss)
         self.lr_history.append(lr)
+        self._mark_step_boundary()
         self._phase = "idle"
         return loss, lr
 
@@ -435,6 +502,7 @@ class LoraTrainer:
         import comfy.model_management as mm
 
         resumed_from = self.try_resume()
+        self._mark_step_boundary()
         last_checkpoint = None
         with self.loaded():
             try:
@@ -448,7 +516,7 @@ class LoraTrainer:
                     last_checkpoint = self.save()
             except (mm.InterruptProcessingException, KeyboardInterrupt):
                 if self._phase != "updating":
-                    self.save(from_snapshot=self._phase == "accumulating")
+                    self.save()
                 raise
         return TrainResult(
             lora.TrainedLora(lora.lora_state_dict(self.adapters), self.metadata()),

@@ -88,7 +88,7 @@ def load_latents_file(path: Path, caption_extension: str = ".txt", num_repeats: 
         )
     try:
         tensors = safetensors.torch.load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets one clear message
+    except Exception as exc:  # any unreadable file gets one clear message
         raise DatasetError(f"[dataset] latents: {path} is not a readable safetensors file ({exc})") from None
     parts = [tensors[key] for key in sorted(tensors) if tensors[key].ndim in (3, 4)]
     if not parts:

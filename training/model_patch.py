@@ -6,6 +6,8 @@
   exactly, with no division by sigma.
 * ``<linear>.forward`` object patches: the LoRA branch (training/lora.py).
 * ``layers.N.forward`` object patches: non-reentrant gradient checkpointing per block.
+* fp8 layers that multiply in fp8 (``fp8_e4m3fn_fast``, scaled-fp8 files on GPUs with fp8 compute):
+  object patches that send them through ComfyUI's cast instead, which autograd can differentiate.
 * weight wrappers (identity): ComfyUI copies a weight before calling wrappers. Only added when the
   weights are inference tensors (a model loaded inside ComfyUI's executor runs under
   torch.inference_mode), which autograd cannot save for backward.
@@ -106,11 +108,47 @@ def build_training_patcher(
                 patcher.add_object_patch(
                     f"diffusion_model.{prefix}.{index}.forward", CheckpointedForward(block)
                 )
+    add_fp8_cast_patches(patcher)
     if has_inference_weights(diffusion_model):
         for name, module in diffusion_model.named_modules():
             if hasattr(module, "comfy_cast_weights") and getattr(module, "weight", None) is not None:
                 patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", writable_weight)
     return patcher
+
+
+def add_fp8_cast_patches(patcher) -> int:
+    """Make the clone's fp8 layers compute in the compute dtype, not with fp8 matrix multiplies.
+
+    ComfyUI multiplies in fp8 for the ``fp8_e4m3fn_fast`` choice and for scaled-fp8 files where the
+    GPU can; that path quantizes the activations with an in-place clamp that autograd refuses
+    (scaled layers raise, plain ones fall back after an exception per call). Plain fp8 layers skip
+    it in training mode (ComfyUI's own switch); scaled ones get the forward of ComfyUI's scaled
+    layer without fp8 multiplies. Returns how many layers were patched."""
+    import types
+
+    import comfy.model_management as mm
+    import comfy.ops
+
+    model_config = patcher.model.model_config
+    scaled_fp8 = getattr(model_config, "scaled_fp8", None)
+    scaled_matmul = scaled_fp8 is not None and model_config.optimizations.get("fp8", False)
+    scaled_matmul = scaled_matmul and mm.supports_fp8_compute(patcher.load_device)
+    cast_forward = None
+    if scaled_matmul:
+        cast_forward = comfy.ops.scaled_fp8_ops(
+            scale_input=True, override_dtype=scaled_fp8
+        ).Linear.forward_comfy_cast_weights
+    patched = 0
+    for name, module in patcher.model.diffusion_model.named_modules():
+        if isinstance(module, comfy.ops.fp8_ops.Linear):
+            patcher.add_object_patch(f"diffusion_model.{name}.training", True)
+            patched += 1
+        elif cast_forward is not None and hasattr(module, "scale_weight"):
+            patcher.add_object_patch(
+                f"diffusion_model.{name}.forward_comfy_cast_weights", types.MethodType(cast_forward, module)
+            )
+            patched += 1
+    return patched
 
 
 def _patch_tensors(value) -> list[torch.Tensor]:

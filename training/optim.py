@@ -48,7 +48,7 @@ def make_optimizer(name: str, params, *, lr: float, weight_decay: float):
             import bitsandbytes as bnb
 
             return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
-        except Exception as exc:  # noqa: BLE001 - missing package, no CUDA build, no GPU: one clear message
+        except Exception as exc:
             raise OptimizerUnavailable(
                 f"optimizer_type: AdamW8bit needs a working bitsandbytes (pip install bitsandbytes, on a CUDA "
                 f"device); it is not usable here ({type(exc).__name__}: {exc}). Use AdamW."

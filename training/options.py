@@ -17,14 +17,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
+from ..loading.model_files import DTYPES
 from ..losses import LOSS_MODES, MIN_SNR_FORMS, TIMESTEP_METHODS
+from ..samplers.schedules import ANCHOR_CONVENTIONS
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
 PRECISIONS = ("bf16", "fp32")
-WEIGHT_DTYPES = ("default", "fp32", "bf16", "fp16")
+WEIGHT_DTYPES = tuple(DTYPES)  # the loader's choices
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
-ANCHOR_CONVENTIONS = ("zimage", "diffusers")
 STYLE_BASES = ("latent_rgb", "channels")
 SYSTEM_PROMPTS = ("none", "superior", "alignment")
 
@@ -43,7 +44,7 @@ class ConfigError(ValueError):
 def option(
     default,
     sections: str | tuple[str, ...],
-    help: str,  # noqa: A002 - pydantic's word for it is description; ours reads better at the call sites
+    help: str,
     *,
     ge: float | None = None,
     gt: float | None = None,
@@ -155,7 +156,8 @@ class TrainConfig(BaseModel):
                               identity=False, headless=True)
     text_encoder: str = option("", MODEL, "Text encoder file (empty: the diffusers folder's).", identity=False, headless=True)
     vae: str = option("", MODEL, "VAE file (empty: the diffusers folder's).", identity=False, headless=True)
-    weight_dtype: Literal[WEIGHT_DTYPES] = option("default", MODEL, "Transformer weight dtype.", identity=False, headless=True)
+    weight_dtype: Literal[WEIGHT_DTYPES] = option("default", MODEL, "Transformer weight dtype (fp8: stored in fp8, computed in the "
+                                                   "device's dtype).", identity=False, headless=True)
     output_dir: str = option("", MODEL, "Where the LoRA is written (empty: ComfyUI's models/loras).",
                              identity=False, headless=True)
     output_name: str = option("lumina_turbo_lora", MODEL, "LoRA file name without extension.", identity=False, headless=True)

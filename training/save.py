@@ -149,6 +149,10 @@ def next_free_path(folder: Path, prefix: str) -> Path:
     prefix = prefix.replace("\\", "/").strip("/")
     directory = (Path(folder) / prefix).parent
     base = Path(prefix).name
+    root = Path(folder).resolve()
+    resolved = directory.resolve()  # symlinks of existing folders included, before anything is created
+    if resolved != root and root not in resolved.parents:
+        raise ValueError(f"filename_prefix: {prefix!r} leaves {folder}")
     directory.mkdir(parents=True, exist_ok=True)
     taken = set(os.listdir(directory))
     counter = 1

@@ -17,8 +17,7 @@ import torch
 
 from lumina_turbo.devtools import tiny_factory
 from lumina_turbo.devtools.harness import PromptFailed, graph
-
-FROM_FOLDER = "(from the diffusers folder)"
+from lumina_turbo.devtools.prompts import FROM_FOLDER, decode_and_save, empty_latent
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +74,7 @@ def loader_prompt(model, text_encoder=FROM_FOLDER, vae=FROM_FOLDER):
     """The smallest prompt that runs the loader: its VAE decodes an empty latent into SaveImage."""
     g = graph()
     loader = g.node("LTModelLoader", model=model, text_encoder=text_encoder, vae=vae, weight_dtype="default")
-    latent = g.node("EmptySD3LatentImage", width=16, height=16, batch_size=1)
-    image = g.node("VAEDecode", samples=latent.out(0), vae=loader.out(2))
-    g.node("SaveImage", images=image.out(0), filename_prefix="loader_errors")
+    decode_and_save(g, empty_latent(g, 16, 16).out(0), loader.out(2), "loader_errors")
     return g.finalize()
 
 

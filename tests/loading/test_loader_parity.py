@@ -14,8 +14,8 @@ import torch
 from test_nextdit_parity import CAP_LEN, CASES, REL_TOL, diffusers_output, make_inputs, rel_err
 
 from lumina_turbo.devtools import tiny_factory
+from lumina_turbo.devtools.prompts import FROM_FOLDER
 
-FROM_FOLDER = "(from the diffusers folder)"
 FAMILIES = tiny_factory.FAMILIES
 PROMPTS = ["a red cat", "A Detailed PORTRAIT of an old woman, 8k; high-quality (painting) & light!", ""]
 LUMINA2_SYSTEM = (

@@ -9,8 +9,8 @@ import torch
 from test_lora_layouts import models, random_deltas, write_layout  # noqa: F401  (fixture)
 
 from lumina_turbo.devtools.harness import PromptFailed, graph
+from lumina_turbo.devtools.prompts import empty_latent, encode, ksampler, save_latent, tiny_loader
 
-FROM_FOLDER = "(from the diffusers folder)"
 PREFIX = "tiny-random-test-lora-"
 
 
@@ -54,17 +54,9 @@ def lora_dir(tmp_path_factory, models):  # noqa: F811
 
 def lora_prompt(lora, branches=("plain", "stock", "ours")):
     g = graph()
-    loader = g.node(
-        "LTModelLoader",
-        model="tiny-random-lumina2",
-        text_encoder=FROM_FOLDER,
-        vae=FROM_FOLDER,
-        weight_dtype="default",
-    )
-    pos = g.node(
-        "CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="a red cat", clip=loader.out(1)
-    )
-    latent = g.node("EmptySD3LatentImage", width=64, height=48, batch_size=1)
+    loader = tiny_loader(g, "lumina2")
+    pos = encode(g, "lumina2", loader.out(1), "a red cat")
+    latent = empty_latent(g)
     ours = None
     for name in branches:
         model = loader.out(0)
@@ -73,20 +65,8 @@ def lora_prompt(lora, branches=("plain", "stock", "ours")):
         elif name == "ours":
             ours = g.node("LTLoraLoader", model=model, lora_name=lora, strength_model=1.0, strength_clip=1.0)
             model = ours.out(0)
-        sampled = g.node(
-            "KSampler",
-            model=model,
-            positive=pos.out(0),
-            negative=pos.out(0),
-            latent_image=latent.out(0),
-            seed=2,
-            steps=1,
-            cfg=1.0,
-            sampler_name="euler",
-            scheduler="simple",
-            denoise=1.0,
-        )
-        g.node("SaveLatent", samples=sampled.out(0), filename_prefix=f"{name}_lora")
+        sampled = ksampler(g, model, pos.out(0), pos.out(0), latent.out(0), seed=2, steps=1)
+        save_latent(g, sampled.out(0), f"{name}_lora")
     return g.finalize(), ours
 
 

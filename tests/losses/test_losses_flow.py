@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lumina_turbo.losses import LOSS_MODES, flow_loss, loss_mode_defaults, reduce_loss, resolve_loss_params
-from lumina_turbo.losses.common import noisy_latent, velocity_target, x0_from_velocity
 from lumina_turbo.losses.flow import hybrid_flow_loss
+from lumina_turbo.samplers.flow import denoised_from_velocity, noisy_latent, velocity_target
 
 MODES = sorted(LOSS_MODES)
 
@@ -28,7 +28,7 @@ def test_convention_denoised_is_x_minus_sigma_v():
     torch.testing.assert_close(
         x_sigma, (1 - sigma.reshape(-1, 1, 1, 1)) * x0 + sigma.reshape(-1, 1, 1, 1) * noise
     )
-    torch.testing.assert_close(x0_from_velocity(x_sigma, sigma, target_v), x0)
+    torch.testing.assert_close(denoised_from_velocity(x_sigma, target_v, sigma), x0)
 
 
 def test_hybrid_terms_by_hand():

@@ -11,7 +11,8 @@ from lumina_turbo.losses import (
     sample_uniform_sigmas,
     training_anchor_sigmas,
 )
-from lumina_turbo.losses.timesteps import jitter_sigmas, rational_time_shift, sample_anchor_indices
+from lumina_turbo.losses.timesteps import jitter_sigmas, sample_anchor_indices
+from lumina_turbo.samplers.flow import time_shift
 
 ANCHORS = torch.tensor([1.0, 0.96, 0.913, 0.858, 0.79, 0.707, 0.602, 0.465, 0.278, 0.0089])
 
@@ -122,7 +123,7 @@ def test_shifted_sigmoid_follows_the_logit_normal_then_shift():
 
 def test_rational_shift_values():
     torch.testing.assert_close(
-        rational_time_shift(torch.tensor([0.0, 0.5, 1.0]), 3.0), torch.tensor([0.0, 0.75, 1.0])
+        time_shift(torch.tensor([0.0, 0.5, 1.0]), 3.0), torch.tensor([0.0, 0.75, 1.0])
     )
 
 

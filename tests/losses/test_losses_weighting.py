@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lumina_turbo.losses import min_snr_weight, snr_from_sigma
-from lumina_turbo.losses.common import noisy_latent, velocity_target, x0_from_velocity
+from lumina_turbo.samplers.flow import denoised_from_velocity, noisy_latent, velocity_target
 
 F64 = torch.float64
 
@@ -53,7 +53,7 @@ def test_rectified_flow_weight_turns_velocity_mse_into_min_snr_x0_mse():
     target_v = velocity_target(x0, noise)
     pred_v = target_v + error
     v_mse = (pred_v - target_v).square().mean(dim=(1, 2, 3))
-    x0_mse = (x0_from_velocity(x_sigma, sigma, pred_v) - x0).square().mean(dim=(1, 2, 3))
+    x0_mse = (denoised_from_velocity(x_sigma, pred_v, sigma) - x0).square().mean(dim=(1, 2, 3))
     paper = (
         torch.clamp(snr_from_sigma(sigma), max=5.0) * x0_mse
     )  # Hang et al.: min(SNR, gamma) ||x0 error||^2

@@ -11,8 +11,8 @@ import torch
 
 from lumina_turbo.devtools.guidance_counting import RowCounter
 from lumina_turbo.devtools.harness import REPO, PromptFailed, graph
+from lumina_turbo.devtools.prompts import empty_latent, encode, ksampler, save_latent, tiny_loader
 
-FROM_FOLDER = "(from the diffusers folder)"
 EXAMPLES = ["lumina2_renorm_truncation", "zimage_cfg_truncation", "zimage_turbo_cfg1"]
 OPTIONS = dict(
     renorm=1.0,
@@ -38,39 +38,12 @@ def text_to_latent(family, path, cfg=4.0, options=None, steps=4, batch=1, negati
     or 'stock' (ComfyUI's CFGGuider + SamplerCustomAdvanced)."""
     options = {**OPTIONS, **(options or {})}
     g = graph()
-    loader = g.node(
-        "LTModelLoader",
-        model=f"tiny-random-{family}",
-        text_encoder=FROM_FOLDER,
-        vae=FROM_FOLDER,
-        weight_dtype="default",
-    )
-    if family == "lumina2":
-        pos = g.node(
-            "CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="a red cat", clip=loader.out(1)
-        )
-        neg = g.node(
-            "CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="blurry", clip=loader.out(1)
-        )
-    else:
-        pos = g.node("CLIPTextEncode", text="a red cat", clip=loader.out(1))
-        neg = g.node("CLIPTextEncode", text="blurry", clip=loader.out(1))
-    latent = g.node("EmptySD3LatentImage", width=64, height=64, batch_size=batch)
+    loader = tiny_loader(g, family)
+    pos, neg = encode(g, family, loader.out(1), "a red cat"), encode(g, family, loader.out(1), "blurry")
+    latent = empty_latent(g, 64, 64, batch)
     if path == "patch":
         patched = g.node("LTCFGPatch", model=loader.out(0), **options)
-        sampled = g.node(
-            "KSampler",
-            model=patched.out(0),
-            positive=pos.out(0),
-            negative=neg.out(0),
-            latent_image=latent.out(0),
-            seed=3,
-            steps=steps,
-            cfg=cfg,
-            sampler_name="euler",
-            scheduler="simple",
-            denoise=1.0,
-        )
+        sampled = ksampler(g, patched.out(0), pos.out(0), neg.out(0), latent.out(0), seed=3, steps=steps, cfg=cfg)
     else:
         if path == "guider":
             extra = {"negative": neg.out(0)} if negative else {}
@@ -91,7 +64,7 @@ def text_to_latent(family, path, cfg=4.0, options=None, steps=4, batch=1, negati
             ).out(0),
             latent_image=latent.out(0),
         )
-    g.node("SaveLatent", samples=sampled.out(0), filename_prefix=f"{prefix}_{family}_{path}")
+    save_latent(g, sampled.out(0), f"{prefix}_{family}_{path}")
     return g.finalize()
 
 

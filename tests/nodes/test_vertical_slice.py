@@ -12,31 +12,23 @@ import pytest
 from PIL import Image
 
 from lumina_turbo.devtools.harness import graph
-
-FROM_FOLDER = "(from the diffusers folder)"
+from lumina_turbo.devtools.prompts import (
+    FROM_FOLDER,
+    decode_and_save,
+    empty_latent,
+    encode,
+    ksampler,
+    tiny_loader,
+)
 
 
 def t2i_prompt(family, source="folder", steps=2, cfg=2.0, seed=1, prefix="slice"):
     g = graph()
-    if source == "folder":
-        loader = g.node("LTModelLoader", model=f"tiny-random-{family}", text_encoder=FROM_FOLDER,
-                        vae=FROM_FOLDER, weight_dtype="default")
-    else:
-        te = "tiny-random-gemma2.safetensors" if family == "lumina2" else "tiny-random-qwen3.safetensors"
-        loader = g.node("LTModelLoader", model=f"tiny-random-{family}.safetensors", text_encoder=te,
-                        vae="tiny-random-flux-vae.safetensors", weight_dtype="default")
-    if family == "lumina2":
-        pos = g.node("CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="a red cat", clip=loader.out(1))
-        neg = g.node("CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="blurry", clip=loader.out(1))
-    else:
-        pos = g.node("CLIPTextEncode", text="a red cat", clip=loader.out(1))
-        neg = g.node("CLIPTextEncode", text="blurry", clip=loader.out(1))
-    latent = g.node("EmptySD3LatentImage", width=64, height=48, batch_size=1)
-    sampled = g.node("KSampler", model=loader.out(0), positive=pos.out(0), negative=neg.out(0),
-                     latent_image=latent.out(0), seed=seed, steps=steps, cfg=cfg, sampler_name="euler",
-                     scheduler="simple", denoise=1.0)
-    image = g.node("VAEDecode", samples=sampled.out(0), vae=loader.out(2))
-    g.node("SaveImage", images=image.out(0), filename_prefix=f"{prefix}_{family}_{source}")
+    loader = tiny_loader(g, family, source)
+    pos, neg = encode(g, family, loader.out(1), "a red cat"), encode(g, family, loader.out(1), "blurry")
+    sampled = ksampler(g, loader.out(0), pos.out(0), neg.out(0), empty_latent(g).out(0), seed=seed,
+                       steps=steps, cfg=cfg)  # fmt: skip
+    decode_and_save(g, sampled.out(0), loader.out(2), f"{prefix}_{family}_{source}")
     return g.finalize()
 
 

@@ -9,6 +9,7 @@ import torch
 
 from lumina_turbo.devtools.comfy_host import bootstrap
 from lumina_turbo.devtools.harness import PromptFailed, graph
+from lumina_turbo.devtools.prompts import empty_latent, ksampler, save_latent, tiny_loader
 from lumina_turbo.patches import context_drop
 from lumina_turbo.patches.context_drop import ContextDropSettings
 
@@ -309,15 +310,9 @@ def drop_prompt(
     """One prompt on one loader; each branch (name, kernel or None for no patch, denoise) samples and
     saves its latent. cfg 1 (one batch row per step) keeps it cheap on 2 cores."""
     g = graph()
-    loader = g.node(
-        "LTModelLoader",
-        model=f"tiny-random-{family}",
-        text_encoder="(from the diffusers folder)",
-        vae="(from the diffusers folder)",
-        weight_dtype="default",
-    )
+    loader = tiny_loader(g, family)
     pos = g.node("CLIPTextEncode", text="a red cat", clip=loader.out(1))
-    latent = g.node("EmptySD3LatentImage", width=64, height=48, batch_size=1)
+    latent = empty_latent(g)
     for name, kernel, denoise in branches:
         model = loader.out(0)
         if kernel is not None:
@@ -331,20 +326,8 @@ def drop_prompt(
             ).out(0)
         # denoise 0.04 with 1 step: one model call at sigma ~0.2 (shift 6) / ~0.11 (shift 3)
         steps = 2 if denoise == 1.0 else 1
-        sampled = g.node(
-            "KSampler",
-            model=model,
-            positive=pos.out(0),
-            negative=pos.out(0),
-            latent_image=latent.out(0),
-            seed=3,
-            steps=steps,
-            cfg=1.0,
-            sampler_name="euler",
-            scheduler="simple",
-            denoise=denoise,
-        )
-        g.node("SaveLatent", samples=sampled.out(0), filename_prefix=f"{name}_cd_{family}")
+        sampled = ksampler(g, model, pos.out(0), pos.out(0), latent.out(0), seed=3, steps=steps, denoise=denoise)
+        save_latent(g, sampled.out(0), f"{name}_cd_{family}")
     return g.finalize()
 
 

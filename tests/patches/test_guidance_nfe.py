@@ -92,7 +92,7 @@ def reference_guided(mode, value, sigmas):
         return [float((1000 - torch.tensor(si, dtype=torch.float32) * 1000) / 1000) <= value for si in s]
     if mode == "sigma":
         return [si >= value for si in s]
-    if mode == "last_steps":  # seed 001: is_final_steps = step_idx >= len(timesteps) - n
+    if mode == "last_steps":  # Wan 2.x recipe: is_final_steps = step_idx >= len(timesteps) - n
         return [i < n - value for i in range(n)]
     raise AssertionError(mode)
 

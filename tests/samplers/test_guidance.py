@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from lumina_turbo.samplers.flow import denoised_from_velocity, velocity_from_denoised
 from lumina_turbo.samplers.guidance import (
     cfg_is_active,
     combine_cfg,
     comfy_cfg_scale,
-    denoised_to_velocity,
     guided_steps,
     guided_velocity,
     renorm_cap,
@@ -16,7 +16,6 @@ from lumina_turbo.samplers.guidance import (
     validate_cfg,
     validate_renorm,
     validate_truncation,
-    velocity_to_denoised,
 )
 
 
@@ -405,12 +404,12 @@ def test_combination_is_per_sample_scale_invariant():
 def test_velocity_denoised_round_trip_per_sample_sigma():
     x, denoised = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     sigma = torch.tensor([0.25, 0.8])
-    v = denoised_to_velocity(x, denoised, sigma)
+    v = velocity_from_denoised(x, denoised, sigma)
     torch.testing.assert_close(v[1], (x[1] - denoised[1]) / 0.8)
-    torch.testing.assert_close(velocity_to_denoised(x, v, sigma), denoised)
-    torch.testing.assert_close(velocity_to_denoised(x, v[:, :], 0.5), x - 0.5 * v)
+    torch.testing.assert_close(denoised_from_velocity(x, v, sigma), denoised)
+    torch.testing.assert_close(denoised_from_velocity(x, v[:, :], 0.5), x - 0.5 * v)
     with pytest.raises(ValueError, match="sigma"):
-        denoised_to_velocity(x, denoised, torch.tensor([0.1, 0.2, 0.3]))
+        velocity_from_denoised(x, denoised, torch.tensor([0.1, 0.2, 0.3]))
 
 
 def test_bfloat16_keeps_dtype_and_caps():

@@ -95,7 +95,7 @@ def test_unknown_or_misplaced_keys_are_named(tmp_path, text, needle):
         config.load_toml(write(tmp_path, text))
 
 
-# The shape of AC-RF's own config/acrf_config.toml (research notes 1.7): the frequency and style
+# The shape of AC-RF's own config/acrf_config.toml: the frequency and style
 # blocks are switched off but keep their parameters.
 ACRF_SHAPED_TOML = """
 [acrf]

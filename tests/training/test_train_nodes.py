@@ -15,37 +15,18 @@ from PIL import Image
 
 from lumina_turbo.devtools.example_dataset import solid_image, write_concept_dataset, write_image
 from lumina_turbo.devtools.harness import REPO, graph
+from lumina_turbo.devtools.prompts import decode_and_save, empty_latent, ksampler, tiny_loader
 from lumina_turbo.devtools.training_support import one_thread  # noqa: F401 (autouse: one torch thread)
-
-MODEL, TE, VAE = (
-    "tiny-random-lumina2.safetensors",
-    "tiny-random-gemma2.safetensors",
-    "tiny-random-flux-vae.safetensors",
-)
 
 
 def loader(g):
-    return g.node("LTModelLoader", model=MODEL, text_encoder=TE, vae=VAE, weight_dtype="default")
+    return tiny_loader(g, "lumina2", "single")
 
 
 def sample_and_save(g, model, clip, vae, prefix):
-    pos = g.node("CLIPTextEncode", text="a photo of ltconcept", clip=clip)
-    latent = g.node("EmptySD3LatentImage", width=64, height=64, batch_size=1)
-    sampled = g.node(
-        "KSampler",
-        model=model,
-        positive=pos.out(0),
-        negative=pos.out(0),
-        latent_image=latent.out(0),
-        seed=3,
-        steps=2,
-        cfg=1.0,
-        sampler_name="euler",
-        scheduler="simple",
-        denoise=1.0,
-    )
-    image = g.node("VAEDecode", samples=sampled.out(0), vae=vae)
-    g.node("SaveImage", images=image.out(0), filename_prefix=prefix)
+    pos = g.node("CLIPTextEncode", text="a photo of ltconcept", clip=clip)  # the captions' own encoding
+    sampled = ksampler(g, model, pos.out(0), pos.out(0), empty_latent(g, 64, 64).out(0), seed=3)
+    decode_and_save(g, sampled.out(0), vae, prefix)
 
 
 def trainer_inputs(**changes):

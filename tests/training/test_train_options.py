@@ -108,3 +108,8 @@ def test_node_inputs_follow_the_definitions(comfy_host):
             assert (spec["min"], spec["max"]) == options.bounds(name)[:2], name
     names = list(trainer)
     assert names.index("run_name") + 1 == names.index("checkpoint_every")  # where saved workflows expect it
+
+
+def test_loss_parameters_are_bounded_too():
+    with pytest.raises(config.ConfigError, match=r"lambda_l1.*<= 10000, got 1e\+300"):
+        config.parse_advanced("lambda_l1 = 1e300", options.TrainConfig(), reserved=set())
