@@ -132,7 +132,8 @@ def loras_subfolder():
 def test_train_save_and_load_with_stock_loraloader(comfy_host, tmp_path, loras_subfolder, caplog):
     import folder_paths
 
-    folder = write_concept_dataset(tmp_path / "concept", count=3)
+    # images of their own (seed): other tests of the session share ComfyUI's output cache folder
+    folder = write_concept_dataset(tmp_path / "concept", count=3, seed=31)
     run_name = f"lt-test-{uuid.uuid4().hex[:8]}"
     prompt, dataset_id, trainer_id = training_prompt(folder, run_name, loras_subfolder)
     outputs = comfy_host.run(prompt)
