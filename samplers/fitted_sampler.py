@@ -349,11 +349,11 @@ def fit_sampler(
     for iteration in range(1, iterations + 1):
         optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            sigmas = _sigmas_from_logits(logits)
             penalty = weight_decay * (corrections * mask).square().sum()
-            total = penalty
+            total = penalty.detach()
             for part in calibration.split(chunk):
-                x = run_solver(counted, noise[part], sigmas, solver, corrections * mask)
+                # a fresh graph per chunk: backward frees the previous one
+                x = run_solver(counted, noise[part], _sigmas_from_logits(logits), solver, corrections * mask)
                 loss = relative_error(x, reference[part]).sum() / calibration.numel()
                 loss.backward()
                 total = total + loss.detach()
@@ -414,3 +414,36 @@ def _restore(best, logits: torch.Tensor, corrections: torch.Tensor) -> None:
     with torch.no_grad():
         logits.copy_(best[0])
         corrections.copy_(best[1])
+
+
+@torch.no_grad()
+def sample_fitted(model, x, sigmas, extra_args=None, callback=None, disable=None, fitted=None):
+    """k-diffusion sampler signature for a :class:`FittedSampler` given as ``fitted`` (its ``to_dict``).
+
+    Time convention: ComfyUI sigma (1 = noise, 0 = data); ``model(x, sigma * s_in, **extra_args)`` returns
+    the denoised x0. A ``steps`` fit runs its base solver on whatever ``sigmas`` it is given; a
+    ``bespoke`` one only on the sigmas it was fitted for (its corrections belong to them).
+    ``callback`` receives ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` once per interval.
+    """
+    sampler = FittedSampler.from_dict(fitted)
+    extra_args = {} if extra_args is None else extra_args
+    given = sigmas.detach().to(device="cpu", dtype=torch.float64)
+    same = given.shape == sampler.sigmas.shape and bool(torch.allclose(given, sampler.sigmas, atol=1e-6))
+    if sampler.fit == "bespoke" and not same:
+        raise ValueError(
+            f"sigmas: this bespoke sampler was fitted for its own {sampler.steps}-step sigmas "
+            f"{[round(v, 4) for v in sampler.sigmas.tolist()]}; connect the SIGMAS output of the node that "
+            f"fitted it (got {[round(v, 4) for v in given.tolist()]})"
+        )
+    corrections = sampler.corrections if sampler.fit == "bespoke" else None
+    if corrections is not None:
+        corrections = corrections.to(device=x.device, dtype=x.dtype)
+
+    def denoise(state, sigma):
+        return model(state, sigma, **extra_args)
+
+    def report(i, state, denoised):
+        if callback is not None:
+            callback({"x": state, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+
+    return run_solver(denoise, x, sigmas.to(x.dtype), sampler.solver, corrections, callback=report)
