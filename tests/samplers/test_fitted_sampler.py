@@ -165,3 +165,19 @@ def test_nan_from_the_model_is_named(flow):
 
     with pytest.raises(ValueError, match="denoise returned NaN or inf at sigma"):
         fit_sampler(broken, flow["calibration"][:8], 4, iterations=1)
+
+
+def test_k_diffusion_sampler_refuses_foreign_sigmas_only_for_bespoke(flow):
+    from lumina_turbo.samplers.fitted_sampler import sample_fitted
+
+    def model(x, sigma, **extra_args):
+        return flow["denoise"](x, sigma)
+
+    x = flow["held_out"][:8]
+    bespoke = _fit(flow, 4, "multistep", "bespoke", iterations=3)
+    assert torch.equal(sample_fitted(model, x, bespoke.sigmas, fitted=bespoke.to_dict()), bespoke.sample(flow["denoise"], x))
+    other = torch.linspace(1.0, 0.0, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="sigmas: this bespoke sampler was fitted for its own 4-step sigmas"):
+        sample_fitted(model, x, other, fitted=bespoke.to_dict())
+    steps_only = _fit(flow, 4, "multistep", "steps", iterations=3)
+    assert torch.isfinite(sample_fitted(model, x, other, fitted=steps_only.to_dict())).all()
