@@ -27,8 +27,8 @@ NFE_BUDGETS = (4, 6, 8, 10, 16)
 OWN_SHIFTS = (1.0, 3.0)
 HINDSIGHT_SHIFTS = (1.0, 2.0, 3.0, 6.0)
 HELD_OUT_SAMPLES = 512
-CALIBRATION_SAMPLES = 512
-ITERATIONS = 250
+CALIBRATION_SAMPLES = 384
+ITERATIONS = 200
 BUILTIN_SAMPLERS = (
     "euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "deis",
     "res_multistep", "gradient_estimation", "uni_pc", "uni_pc_bh2",
