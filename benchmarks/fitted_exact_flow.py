@@ -34,7 +34,7 @@ BUILTIN_SAMPLERS = (
     "res_multistep", "gradient_estimation", "uni_pc", "uni_pc_bh2",
 )  # fmt: skip
 DEFAULT = ("multistep", "bespoke")
-FITTED = (("multistep", "steps"), ("multistep", "bespoke"), ("midpoint", "bespoke"))
+FITTED = (("multistep", "steps"), ("multistep", "bespoke"))
 SEEDS = (0, 1, 2)
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-BUDGETS = (4, 8)
+BUDGETS = (8,)
 HELD_OUT = 8
-CALIBRATION = 32
-ITERATIONS = 150
+CALIBRATION = 16
+ITERATIONS = 100
 FROM_FOLDER = "(from the diffusers folder)"
 CALLS_PER_STEP = {"heun": 2, "heunpp2": 3, "dpm_2": 2}  # the others: one call per step
 

@@ -8,7 +8,8 @@ Every solver here is written in denoised form: an interval [s, s'] maps the stat
 predictions D to ``x' = A x + B D + C (D - D_prev)``, with A, B, C fixed by the base solver
 (Align-Your-Steps style fits change only the sigmas). The ``bespoke`` fit adds per-step corrections
 (a, b, c) to those coefficients, in the spirit of Bespoke Solvers (Shaul et al., ICLR 2024). They start
-at 0 (the base solver), are pulled back to 0 by weight decay, and the iterate kept is the one with the
+at 0 (the base solver) and stay there for the first half of the iterations (the schedule is fitted first),
+are pulled back to 0 by weight decay, and the iterate kept is the one with the
 lowest error on a validation split of the calibration noise that the optimiser never saw, so the fit
 can only end at or below the starting schedule on that split.
 
@@ -271,9 +272,11 @@ def fit_sampler(
     ``reference``, the sigma-0 endpoints of ``noise`` (None: computed by :func:`reference_solution`).
     ``fit="steps"`` fits only the sigmas (monotone by construction: softmax increments, endpoints 1 and 0
     fixed); ``"bespoke"`` also fits the per-step corrections of the solver's coefficients, with
-    ``weight_decay`` pulling them back to the base solver. A random ``validation_fraction`` of the noise
+    ``weight_decay`` pulling them back to the base solver; they move only in the second half of the
+    iterations, after the sigmas alone have been fitted. A random ``validation_fraction`` of the noise
     (split by ``seed``) is held out of the optimisation; the iterate with the lowest validation error is
-    returned (the start included). Adam with ``learning_rate``, gradient norm clipped; a non-finite step
+    returned (the start included). Adam with ``learning_rate`` (cosine decay), the gradient norms of the
+    sigmas and of the corrections clipped apart; a non-finite step
     is undone and the learning rate halved. ``chunk`` bounds the batch of one model call.
     ``start_sigmas``: the starting schedule (default uniform; pass the model's own). ``progress(done, total)``
     is called once per iteration.
@@ -368,7 +371,11 @@ def fit_sampler(
             scheduler.base_lrs = [lr / 2 for lr in scheduler.base_lrs]
             history.append({"iteration": iteration, "calibration": None, "validation": None})
             continue
-        torch.nn.utils.clip_grad_norm_([logits, corrections], max_norm=1.0)
+        if iteration <= iterations // 2:
+            corrections.grad = None  # first half: the schedule alone, so the corrections start from a fitted one
+        for parameter in (logits, corrections):  # apart: large correction gradients must not starve the logits
+            if parameter.grad is not None:
+                torch.nn.utils.clip_grad_norm_([parameter], max_norm=1.0)
         optimizer.step()
         scheduler.step()
         validation_error = evaluate(validation)
