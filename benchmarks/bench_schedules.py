@@ -27,7 +27,11 @@ Sigmoid sweep: the same measurement for ``sigmoid_sigmas`` over a small slope x 
 uniform schedule, for every center), solvers euler / heun / dpmpp_2m / flow_midpoint, every NFE budget;
 each setting's terminal error is reported relative to uniform with the same solver and budget. The defaults
 of LTSigmoidScheduler / ``lt_sigmoid`` and what the docs say about them come from this table.
-About two minutes on 2 CPU cores.
+
+Fitted samplers (LTFitSampler, samplers/fitted_sampler.py): benchmarks/fitted_exact_flow.py (the same mixtures,
+each with its own shift 1 or 3, against every built-in scheduler x ODE sampler at that shift and in hindsight
+over shifts) and benchmarks/fitted_nextdit.py (a tiny random NextDiT through the real nodes).
+About two minutes on 2 CPU cores without the fitted part; the fits take tens of minutes.
 """
 
 from __future__ import annotations
@@ -322,6 +326,7 @@ def run() -> dict:
     _setup()
     import comfy.samplers
 
+    from lumina_turbo.benchmarks import fitted_exact_flow, fitted_nextdit
     from lumina_turbo.patches.stock_lists import SCHEDULER_NAMES as OURS
     from lumina_turbo.patches.stock_lists import register_stock_names
 
@@ -337,6 +342,8 @@ def run() -> dict:
         rows = _measure(problems, model_sampling, solvers, _stock_schedules(model_sampling, schedulers))
         sweep_solvers = {name: solvers[name] for name in SWEEP_SOLVERS}
         sweep_rows = _measure(problems, model_sampling, sweep_solvers, _sweep_schedules())
+        fitted = fitted_exact_flow.run()
+        fitted_tiny = fitted_nextdit.run()
     finally:
         torch.set_num_threads(threads)
     summary = _summary(rows)
@@ -367,5 +374,7 @@ def run() -> dict:
             "summary": sweep,
             "rows": sweep_rows,
         },
-        "table": _tables(rows, summary, problems) + "\n\n" + _sweep_table(sweep),
+        "fitted": fitted,
+        "fitted_nextdit": fitted_tiny,
+        "table": _tables(rows, summary, problems) + "\n\n" + _sweep_table(sweep) + "\n\n" + fitted["table"] + "\n\n" + fitted_tiny["table"],
     }

@@ -18,6 +18,7 @@ _BACKGROUND = (255, 255, 255)
 _AXIS = (40, 40, 40)
 _GRID = (225, 225, 225)
 _LINE = (31, 119, 180)
+_REFERENCE = (170, 170, 170)
 _TEXT = (20, 20, 20)
 _MARKER_LIMIT = 60  # draw point markers up to this many steps
 _VALUE_LABEL_LIMIT = 12  # write each sigma next to its point up to this many steps
@@ -34,8 +35,14 @@ def _step_ticks(steps: int) -> list[int]:
     return [0, steps]
 
 
-def sigma_plot(sigmas: torch.Tensor, title: str) -> torch.Tensor:
-    """An IMAGE (1, HEIGHT, WIDTH, 3) of ``sigmas`` (ComfyUI sigma, 1 = noise) against step index."""
+def sigma_plot(
+    sigmas: torch.Tensor, title: str, reference: torch.Tensor | None = None, labels: tuple[str, str] | None = None
+) -> torch.Tensor:
+    """An IMAGE (1, HEIGHT, WIDTH, 3) of ``sigmas`` (ComfyUI sigma, 1 = noise) against step index.
+
+    ``reference``: a second schedule of the same length drawn in grey underneath (e.g. the model's
+    default one); ``labels``: legend texts of (sigmas, reference).
+    """
     s = _SCALE
     image = Image.new("RGB", (WIDTH * s, HEIGHT * s), _BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -79,6 +86,14 @@ def sigma_plot(sigmas: torch.Tensor, title: str) -> torch.Tensor:
             anchor="mm",
         )
     else:
+        if reference is not None and reference.numel() == len(values):
+            reference_points = [to_xy(i, float(v)) for i, v in enumerate(reference.flatten().tolist())]
+            draw.line(reference_points, fill=_REFERENCE, width=2 * s, joint="curve")
+        if labels is not None:
+            for row, (text, colour) in enumerate(zip(labels, (_LINE, _REFERENCE), strict=True)):
+                y = top + (8 + 16 * row) * s
+                draw.line([(right - 150 * s, y), (right - 126 * s, y)], fill=colour, width=3 * s)
+                draw.text((right - 120 * s, y), text, fill=_TEXT, font=_font(11), anchor="lm")
         points = [to_xy(i, v) for i, v in enumerate(values)]
         draw.line(points, fill=_LINE, width=3 * s, joint="curve")
         if len(values) - 1 <= _MARKER_LIMIT:

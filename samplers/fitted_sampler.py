@@ -1,0 +1,456 @@
+"""Few-step samplers fitted to one denoiser: the step times, and optionally a bespoke solver (no comfy import).
+
+Time convention: **ComfyUI sigma**, 1 = noise, 0 = data, ``x_sigma = (1 - sigma) x0 + sigma noise``
+(Lumina t = 1 - sigma; diffusers timestep = 1000 sigma). ``denoise(x, sigma)`` returns the x0 prediction
+of a batch, ``sigma`` a [B] tensor; the flow ODE is ``dx/dsigma = (x - x0) / sigma``.
+
+Every solver here is written in denoised form: an interval [s, s'] maps the state x and the model's
+predictions D to ``x' = A x + B D + C (D - D_prev)``, with A, B, C fixed by the base solver
+(Align-Your-Steps style fits change only the sigmas). The ``bespoke`` fit adds per-step corrections
+(a, b, c) to those coefficients, in the spirit of Bespoke Solvers (Shaul et al., ICLR 2024). They start
+at 0 (the base solver) and stay there for the first half of the iterations (the schedule is fitted first),
+are pulled back to 0 by weight decay, and the iterate kept is the one with the
+lowest error on a validation split of the calibration noise that the optimiser never saw, so the fit
+can only end at or below the starting schedule on that split.
+
+Solvers (``SOLVERS``):
+
+* ``euler``: ``x' = (s'/s) x + (1 - s'/s) D``; exact when D is constant; 1 call per interval.
+* ``multistep``: D extrapolated linearly in sigma from this and the previous step's prediction and the
+  ODE integrated exactly over the interval (2nd order, like dpmpp_2m); 1 call per interval; its first
+  interval is Euler.
+* ``midpoint``: the explicit midpoint rule of samplers/flow_solvers.py (2 calls per interval, never at
+  sigma 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from numbers import Real
+
+import torch
+
+from .flow_solvers import flow_velocity
+from .schedules import check_sigmas, check_steps
+
+SOLVERS = ("euler", "multistep", "midpoint")
+FIT_KINDS = ("steps", "bespoke")
+CALLS_PER_INTERVAL = {"euler": 1, "multistep": 1, "midpoint": 2}
+REFERENCE_STEPS = 64  # midpoint intervals of the fine-step reference solve (2 calls each)
+FORMAT_VERSION = 1
+
+
+def model_calls_for(solver: str, steps: int) -> int:
+    """Model calls of ``steps`` intervals of ``solver`` (ComfyUI sigma schedule of steps + 1 values)."""
+    return CALLS_PER_INTERVAL[check_solver(solver)] * check_steps(steps)
+
+
+def check_solver(solver) -> str:
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    return solver
+
+
+def check_fit(fit) -> str:
+    if fit not in FIT_KINDS:
+        raise ValueError(f"fit must be one of {FIT_KINDS}, got {fit!r}")
+    return fit
+
+
+def _checked_denoised(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    if not isinstance(denoised, torch.Tensor) or denoised.shape != x.shape:
+        got = tuple(denoised.shape) if isinstance(denoised, torch.Tensor) else type(denoised).__name__
+        raise ValueError(f"denoise must return a tensor shaped like x {tuple(x.shape)}, got {got}")
+    if not bool(torch.isfinite(denoised).all()):
+        raise ValueError(
+            f"denoise returned NaN or inf at sigma {float(sigma.flatten()[0]):.4g}; the model (or its "
+            "guidance) is not usable at this sigma"
+        )
+    return denoised
+
+
+def _call(denoise, x: torch.Tensor, sigma) -> torch.Tensor:
+    sigma_batch = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(1).expand(x.shape[0])
+    return _checked_denoised(denoise(x, sigma_batch), x, sigma_batch)
+
+
+def _multistep_extrapolation(sigma, sigma_next, sigma_prev):
+    """C of ``x' = (s'/s) x + (1 - s'/s) D + C (D - D_prev)`` for D linear in sigma through both predictions.
+
+    Exact integral of dx/ds = (x - D(s)) / s over [s, s'] (ComfyUI sigma) with D(u) = D + k (u - s),
+    k = (D - D_prev) / (s - s_prev): the k term is ``-k (s' ln(s'/s) + s - s')``, 0 at s' = 0 included.
+    """
+    if float(sigma_next.detach()) == 0.0:  # the limit; xlogy's gradient at 0 would be NaN
+        return -sigma / (sigma - sigma_prev)
+    integral = sigma_next * torch.log(sigma_next / sigma) + sigma - sigma_next
+    return -integral / (sigma - sigma_prev)
+
+
+def run_solver(
+    denoise,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    solver: str,
+    corrections: torch.Tensor | None = None,
+    callback=None,
+) -> torch.Tensor:
+    """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` (ComfyUI sigma, 1 = noise) with ``solver``.
+
+    ``corrections`` ([steps, 3] or None = zeros) are the bespoke per-step additions (a, b, c) to the
+    coefficients of x, D and (D - D_prev); for ``midpoint`` D is the midpoint's prediction and D_prev the
+    interval's first one. Differentiable in ``sigmas``, ``corrections`` and through ``denoise``.
+    ``callback(i, x, denoised)`` is called once per interval after its first model call.
+    """
+    steps = sigmas.numel() - 1
+    previous = None
+    for i in range(steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = _call(denoise, x, sigma)
+        if callback is not None:
+            callback(i, x, denoised)
+        ratio = sigma_next / sigma
+        a = b = c = 0.0
+        if corrections is not None:
+            a, b, c = corrections[i, 0], corrections[i, 1], corrections[i, 2]
+        if solver == "midpoint":
+            sigma_mid = (sigma + sigma_next) / 2
+            x_mid = x + flow_velocity(x, sigma, denoised) * (sigma_mid - sigma)
+            denoised_mid = _call(denoise, x_mid, sigma_mid)
+            x = x + flow_velocity(x_mid, sigma_mid, denoised_mid) * (sigma_next - sigma)
+            x = x + a * x_mid + b * denoised_mid + c * (denoised_mid - denoised)
+            continue
+        extrapolation = 0.0
+        if solver == "multistep" and previous is not None:
+            extrapolation = _multistep_extrapolation(sigma, sigma_next, sigmas[i - 1])
+        difference = 0.0 if previous is None else denoised - previous
+        x = (ratio + a) * x + (1 - ratio + b) * denoised + (extrapolation + c) * difference
+        previous = denoised
+    return x
+
+
+def relative_error(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``||x - reference|| / ||reference||`` over all but the batch dimension (at sigma 0)."""
+    difference = (x - reference).flatten(1).norm(dim=1)
+    return difference / reference.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+@dataclass
+class FittedSampler:
+    """A schedule (and for ``bespoke`` per-step corrections) fitted to one model; ComfyUI sigma, 1 = noise.
+
+    ``sigmas``: float64 [steps + 1], strictly descending from 1 to 0. ``corrections``: [steps, 3] additions
+    to the base solver's coefficients of (x, D, D - D_prev), zeros for fit ``steps``. ``report``: the fit's
+    errors and cost (see :func:`fit_sampler`).
+    """
+
+    sigmas: torch.Tensor
+    solver: str
+    fit: str
+    corrections: torch.Tensor
+    report: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+    @property
+    def model_calls(self) -> int:
+        """Model calls of one sampling run (the budget the fit was made for)."""
+        return model_calls_for(self.solver, self.steps)
+
+    def sample(self, denoise, x: torch.Tensor, callback=None) -> torch.Tensor:
+        """Sample from ``x`` at sigma 1 (pure noise) to the data estimate at sigma 0."""
+        sigmas = self.sigmas.to(device=x.device, dtype=x.dtype)
+        corrections = self.corrections.to(device=x.device, dtype=x.dtype)
+        return run_solver(denoise, x, sigmas, self.solver, corrections, callback=callback)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "solver": self.solver,
+            "fit": self.fit,
+            "sigmas": [float(v) for v in self.sigmas.tolist()],
+            "corrections": [[float(v) for v in row] for row in self.corrections.tolist()],
+            "report": self.report,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FittedSampler:
+        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+            raise ValueError(f"not a fitted sampler of format {FORMAT_VERSION}")
+        sigmas = check_sigmas(torch.tensor(data["sigmas"], dtype=torch.float64), "fitted sigmas")
+        corrections = torch.tensor(data["corrections"], dtype=torch.float64)
+        if corrections.shape != (sigmas.numel() - 1, 3) or not bool(torch.isfinite(corrections).all()):
+            raise ValueError("fitted corrections must be finite, one row of 3 per interval")
+        return cls(sigmas, check_solver(data["solver"]), check_fit(data["fit"]), corrections, data.get("report", {}))
+
+    @classmethod
+    def from_json(cls, text: str) -> FittedSampler:
+        return cls.from_dict(json.loads(text))
+
+
+def reference_solution(denoise, noise: torch.Tensor, steps: int = REFERENCE_STEPS, chunk: int | None = None):
+    """A fine-step solve from ``noise`` at sigma 1 to sigma 0 (ComfyUI sigma): ``steps`` midpoint intervals.
+
+    The intervals are uniform in sigma with the ends refined (a sigmoid warp) where flows bend most.
+    Costs ``2 * steps`` model calls per sample.
+    """
+    from .schedules import sigmoid_sigmas
+
+    sigmas = sigmoid_sigmas(steps, slope=3.0).to(torch.float64)
+    chunk = chunk or noise.shape[0]
+    with torch.no_grad():
+        parts = [
+            run_solver(denoise, part, sigmas.to(part.dtype), "midpoint") for part in noise.split(chunk)
+        ]
+    return torch.cat(parts)
+
+
+def _initial_logits(start: torch.Tensor) -> torch.Tensor:
+    # sigma_i = 1 - cumsum(softmax(logits))[: i]: any logits give a strictly descending 1 -> 0 schedule.
+    return torch.log(start[:-1] - start[1:])
+
+
+def _sigmas_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    increments = torch.softmax(logits, dim=0)
+    cumulative = torch.cumsum(increments, dim=0)
+    return torch.cat([cumulative.new_ones(1), (1.0 - cumulative[:-1]).clamp_min(0), cumulative.new_zeros(1)])
+
+
+def _check_positive_int(value, name: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, Real) or value != int(value) or value < low:
+        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_nonnegative(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+class _CountingDenoiser:
+    def __init__(self, denoise):
+        self.denoise = denoise
+        self.calls = 0
+        self.samples = 0
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        self.samples += x.shape[0]
+        return self.denoise(x, sigma)
+
+
+def fit_sampler(
+    denoise,
+    noise: torch.Tensor,
+    steps: int,
+    *,
+    solver: str = "multistep",
+    fit: str = "bespoke",
+    reference: torch.Tensor | None = None,
+    start_sigmas: torch.Tensor | None = None,
+    seed: int = 0,
+    iterations: int = 300,
+    validation_fraction: float = 0.25,
+    learning_rate: float = 0.05,
+    weight_decay: float = 1e-3,
+    chunk: int | None = None,
+    progress=None,
+) -> FittedSampler:
+    """Fit ``steps`` intervals of ``solver`` to ``denoise`` on the calibration ``noise`` (at sigma 1).
+
+    Time convention: ComfyUI sigma (1 = noise, 0 = data); ``denoise(x, sigma)`` returns the x0 prediction
+    of a batch, sigma a [B] tensor; it must be differentiable in x (its weights may be frozen).
+
+    The objective is the mean per-sample relative terminal error (:func:`relative_error`) against
+    ``reference``, the sigma-0 endpoints of ``noise`` (None: computed by :func:`reference_solution`).
+    ``fit="steps"`` fits only the sigmas (monotone by construction: softmax increments, endpoints 1 and 0
+    fixed); ``"bespoke"`` also fits the per-step corrections of the solver's coefficients, with
+    ``weight_decay`` pulling them back to the base solver; they move only in the second half of the
+    iterations, after the sigmas alone have been fitted. A random ``validation_fraction`` of the noise
+    (split by ``seed``) is held out of the optimisation; the iterate with the lowest validation error is
+    returned (the start included). Adam with ``learning_rate`` (cosine decay), the gradient norms of the
+    sigmas and of the corrections clipped apart; a non-finite step
+    is undone and the learning rate halved. ``chunk`` bounds the batch of one model call.
+    ``start_sigmas``: the starting schedule (default uniform; pass the model's own). ``progress(done, total)``
+    is called once per iteration.
+
+    The returned sampler's ``report`` holds the calibration (optimised part), validation and starting
+    errors and the cost: model calls and sample evaluations of the reference and of the fit (a backward
+    pass costs about two more forward passes).
+    """
+    steps = check_steps(steps)
+    check_solver(solver)
+    check_fit(fit)
+    iterations = _check_positive_int(iterations, "iterations", low=0)
+    weight_decay = _check_nonnegative(weight_decay, "weight_decay")
+    learning_rate = _check_nonnegative(learning_rate, "learning_rate")
+    if not isinstance(noise, torch.Tensor) or noise.ndim < 2 or noise.shape[0] < 2:
+        raise ValueError("noise must be a batch tensor [B, ...] of at least 2 calibration samples")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise must be finite")
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction!r}")
+    if start_sigmas is None:
+        start_sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    start_sigmas = check_sigmas(start_sigmas.detach().to(torch.float64).cpu(), "start_sigmas")
+    if start_sigmas.numel() != steps + 1:
+        raise ValueError(f"start_sigmas must have steps + 1 = {steps + 1} values, got {start_sigmas.numel()}")
+
+    counted = _CountingDenoiser(denoise)
+    chunk = _check_positive_int(chunk, "chunk") if chunk is not None else noise.shape[0]
+    if reference is None:
+        reference = reference_solution(counted, noise, chunk=chunk)
+    elif reference.shape != noise.shape:
+        raise ValueError(f"reference must have the noise's shape {tuple(noise.shape)}, got {tuple(reference.shape)}")
+    reference_cost = {"calls": counted.calls, "samples": counted.samples}
+    counted.calls = counted.samples = 0
+
+    generator = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(noise.shape[0], generator=generator).to(noise.device)
+    held = max(1, round(validation_fraction * noise.shape[0]))
+    validation, calibration = order[:held], order[held:]
+    dtype, device = noise.dtype, noise.device
+
+    logits = _initial_logits(start_sigmas).to(device=device, dtype=dtype).requires_grad_(True)
+    corrections = torch.zeros(steps, 3, dtype=dtype, device=device, requires_grad=fit == "bespoke")
+    if solver == "euler":
+        mask = torch.tensor([1.0, 1.0, 0.0], dtype=dtype, device=device)  # (D - D_prev) would make it multistep
+    else:
+        mask = torch.ones(3, dtype=dtype, device=device)
+    parameters = [{"params": [logits], "lr": learning_rate}]
+    if fit == "bespoke":
+        # Corrections act on O(1) coefficients: a smaller step than the logits' keeps early iterates sane.
+        parameters.append({"params": [corrections], "lr": learning_rate / 5})
+
+    def error(indices, sigmas, coefficients) -> torch.Tensor:
+        values = []
+        for part in indices.split(chunk):
+            x = run_solver(counted, noise[part], sigmas, solver, coefficients)
+            values.append(relative_error(x, reference[part]))
+        return torch.cat(values).mean()
+
+    def evaluate(indices) -> float:
+        with torch.no_grad():
+            return float(error(indices, _sigmas_from_logits(logits), corrections * mask))
+
+    optimizer = torch.optim.Adam(parameters)
+    # Cosine decay: large early moves find the schedule's shape, small late ones settle it.
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(iterations, 1), eta_min=learning_rate / 20)
+    best_validation = evaluate(validation)
+    start_validation = best_validation
+    start_calibration = evaluate(calibration)
+    best = (logits.detach().clone(), corrections.detach().clone(), 0)
+    history = []
+    undone = 0
+    for iteration in range(1, iterations + 1):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            penalty = weight_decay * (corrections * mask).square().sum()
+            total = penalty.detach()
+            for part in calibration.split(chunk):
+                # a fresh graph per chunk: backward frees the previous one
+                x = run_solver(counted, noise[part], _sigmas_from_logits(logits), solver, corrections * mask)
+                loss = relative_error(x, reference[part]).sum() / calibration.numel()
+                loss.backward()
+                total = total + loss.detach()
+            if fit == "bespoke":
+                penalty.backward()
+        grads = [p.grad for p in (logits, corrections) if p.grad is not None]
+        if not all(bool(torch.isfinite(g).all()) for g in grads) or not math.isfinite(float(total.detach())):
+            _restore(best, logits, corrections)
+            undone += 1
+            for group in optimizer.param_groups:
+                group["lr"] /= 2
+            scheduler.base_lrs = [lr / 2 for lr in scheduler.base_lrs]
+            history.append({"iteration": iteration, "calibration": None, "validation": None})
+            continue
+        if iteration <= iterations // 2:
+            corrections.grad = None  # first half: the schedule alone, so the corrections start from a fitted one
+        for parameter in (logits, corrections):  # apart: large correction gradients must not starve the logits
+            if parameter.grad is not None:
+                torch.nn.utils.clip_grad_norm_([parameter], max_norm=1.0)
+        optimizer.step()
+        scheduler.step()
+        validation_error = evaluate(validation)
+        history.append({"iteration": iteration, "calibration": float(total.detach()), "validation": validation_error})
+        if math.isfinite(validation_error) and validation_error < best_validation:
+            best_validation = validation_error
+            best = (logits.detach().clone(), corrections.detach().clone(), iteration)
+        if progress is not None:
+            progress(iteration, iterations)
+
+    _restore(best, logits, corrections)
+    fit_cost = {"calls": counted.calls, "samples": counted.samples}
+    calibration_error = evaluate(calibration)
+    with torch.no_grad():
+        sigmas = _sigmas_from_logits(logits).detach().to(torch.float64).cpu()
+    sigmas[0], sigmas[-1] = 1.0, 0.0
+    result = FittedSampler(
+        sigmas=check_sigmas(sigmas, "fitted sigmas"),
+        solver=solver,
+        fit=fit,
+        corrections=(corrections * mask).detach().to(torch.float64).cpu(),
+    )
+    result.report = {
+        "steps": steps,
+        "model_calls": result.model_calls,
+        "calibration_samples": int(calibration.numel()),
+        "validation_samples": int(validation.numel()),
+        "start_calibration_error": start_calibration,
+        "start_validation_error": start_validation,
+        "calibration_error": calibration_error,
+        "validation_error": best_validation,
+        "best_iteration": best[2],
+        "iterations": iterations,
+        "undone_steps": undone,
+        "seed": int(seed),
+        "reference_cost": reference_cost,
+        "fit_cost": fit_cost,
+    }
+    return result
+
+
+def _restore(best, logits: torch.Tensor, corrections: torch.Tensor) -> None:
+    with torch.no_grad():
+        logits.copy_(best[0])
+        corrections.copy_(best[1])
+
+
+@torch.no_grad()
+def sample_fitted(model, x, sigmas, extra_args=None, callback=None, disable=None, fitted=None):
+    """k-diffusion sampler signature for a :class:`FittedSampler` given as ``fitted`` (its ``to_dict``).
+
+    Time convention: ComfyUI sigma (1 = noise, 0 = data); ``model(x, sigma * s_in, **extra_args)`` returns
+    the denoised x0. A ``steps`` fit runs its base solver on whatever ``sigmas`` it is given; a
+    ``bespoke`` one only on the sigmas it was fitted for (its corrections belong to them).
+    ``callback`` receives ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` once per interval.
+    """
+    sampler = FittedSampler.from_dict(fitted)
+    extra_args = {} if extra_args is None else extra_args
+    given = sigmas.detach().to(device="cpu", dtype=torch.float64)
+    same = given.shape == sampler.sigmas.shape and bool(torch.allclose(given, sampler.sigmas, atol=1e-6))
+    if sampler.fit == "bespoke" and not same:
+        raise ValueError(
+            f"sigmas: this bespoke sampler was fitted for its own {sampler.steps}-step sigmas "
+            f"{[round(v, 4) for v in sampler.sigmas.tolist()]}; connect the SIGMAS output of the node that "
+            f"fitted it (got {[round(v, 4) for v in given.tolist()]})"
+        )
+    corrections = sampler.corrections if sampler.fit == "bespoke" else None
+    if corrections is not None:
+        corrections = corrections.to(device=x.device, dtype=x.dtype)
+
+    def denoise(state, sigma):
+        return model(state, sigma, **extra_args)
+
+    def report(i, state, denoised):
+        if callback is not None:
+            callback({"x": state, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+
+    return run_solver(denoise, x, sigmas.to(x.dtype), sampler.solver, corrections, callback=report)

@@ -1,0 +1,111 @@
+"""LTFitSampler through ComfyUI's real executor on a tiny random Lumina-2: fit, sample, disk cache, errors."""
+
+import pytest
+import torch
+
+from lumina_turbo.devtools.harness import PromptFailed, graph
+
+FROM_FOLDER = "(from the diffusers folder)"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: a second OpenMP thread only adds spin-waiting on a shared 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fit_and_sample(steps=3, solver="multistep", fit="bespoke", iterations=4, samples=8, guider="CFGGuider"):
+    g = graph()
+    loader = g.node(
+        "LTModelLoader", model="tiny-random-lumina2", text_encoder=FROM_FOLDER, vae=FROM_FOLDER, weight_dtype="default"
+    )
+    pos = g.node("CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="a red cat", clip=loader.out(1))
+    neg = g.node("CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="blurry", clip=loader.out(1))
+    guide = g.node(guider, model=loader.out(0), positive=pos.out(0), negative=neg.out(0), cfg=3.0)
+    latent = g.node("EmptySD3LatentImage", width=64, height=64, batch_size=1)
+    fitted = g.node(
+        "LTFitSampler",
+        guider=guide.out(0),
+        latent=latent.out(0),
+        steps=steps,
+        solver=solver,
+        fit=fit,
+        calibration_samples=samples,
+        iterations=iterations,
+        batch_size=4,
+        seed=0,
+    )
+    sampled = g.node(
+        "SamplerCustomAdvanced",
+        noise=g.node("RandomNoise", noise_seed=3).out(0),
+        guider=guide.out(0),
+        sampler=fitted.out(0),
+        sigmas=fitted.out(1),
+        latent_image=latent.out(0),
+    )
+    g.node("SaveLatent", samples=sampled.out(0), filename_prefix="fit")
+    g.node("SaveImage", images=fitted.out(2), filename_prefix="fitplot")
+    return g.finalize()
+
+
+def _cache_files(host):
+    return sorted((host.output_dir / "lumina_turbo" / "fits").glob("*.json"))
+
+
+def test_fit_samples_and_is_cached_on_disk(comfy_host, monkeypatch):
+    from lumina_turbo.nodes import fit_sampler as node_module
+
+    before = set(_cache_files(comfy_host))
+    latent = comfy_host.latent(comfy_host.run(fit_and_sample()))
+    assert latent.shape[0] == 1 and torch.isfinite(latent).all()
+    (written,) = set(_cache_files(comfy_host)) - before
+    fitted = node_module.FittedSampler.from_json(written.read_text())
+    assert fitted.model_calls == 3 and fitted.report["calibration_samples"] == 6
+    assert fitted.report["validation_error"] <= fitted.report["start_validation_error"]
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the second run must read the cache")
+
+    monkeypatch.setattr(node_module, "fit_with_guider", no_fit)
+    comfy_host.executor.reset()  # forget the executor's own output cache: the node runs again
+    again = comfy_host.latent(comfy_host.run(fit_and_sample()))
+    assert torch.equal(again, latent)
+    assert set(_cache_files(comfy_host)) - before == {written}
+
+
+def test_sampling_costs_the_budget_and_the_fit_sees_the_calibration_batch(comfy_host):
+    # midpoint, 2 steps = 4 guider calls per image, cond and uncond batched in one transformer pass each
+    from comfy.ldm.lumina.model import NextDiT
+
+    rows = []
+
+    def count_transformer(module, args, kwargs, output):
+        if isinstance(module, NextDiT):
+            rows.append(output.shape[0])
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count_transformer, with_kwargs=True)
+    try:
+        comfy_host.latent(comfy_host.run(fit_and_sample(steps=2, solver="midpoint", iterations=2, samples=6)))
+    finally:
+        hook.remove()
+    # the image: 4 guider calls of one row, cond and uncond each a pass (ComfyUI does not batch them on CPU);
+    # the fit before it only ever sees calibration batches (reference/fit chunks of 4, validation of 2)
+    assert rows[-8:] == [1] * 8
+    assert rows[:-8] and all(count in (2, 4) for count in rows[:-8])
+
+
+@pytest.mark.parametrize(
+    ("changes", "pattern"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"solver": "rk45"}, "solver"),
+        ({"samples": 2000}, "calibration_samples"),
+    ],
+)
+def test_bad_inputs_refused(comfy_host, changes, pattern):
+    with pytest.raises(PromptFailed) as failure:
+        comfy_host.run(fit_and_sample(**changes))
+    assert pattern in str(failure.value.details)

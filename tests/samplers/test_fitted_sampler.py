@@ -1,0 +1,183 @@
+"""fit_sampler on exact Gaussian-mixture flows: monotone schedule, lower error, budget, JSON, errors."""
+
+import math
+
+import pytest
+import torch
+
+from lumina_turbo.benchmarks.exact_flow import make_mixture, reference_solution
+from lumina_turbo.samplers.fitted_sampler import (
+    FittedSampler,
+    fit_sampler,
+    model_calls_for,
+    relative_error,
+    run_solver,
+)
+from lumina_turbo.samplers.schedules import time_shift
+
+ITERATIONS = 60  # enough to move clearly away from the start; the benchmark runs the default
+
+
+@pytest.fixture(scope="module")
+def flow():
+    torch.set_num_threads(1)
+    mixture = make_mixture(dim=4, components=4, std_range=(0.05, 0.3), seed=5)
+    calibration = torch.randn(512, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    held_out = torch.randn(256, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    return {
+        "mixture": mixture,
+        "denoise": lambda x, sigma: mixture.denoise(x, sigma),
+        "calibration": calibration,
+        "calibration_reference": reference_solution(mixture, calibration),
+        "held_out": held_out,
+        "held_out_reference": reference_solution(mixture, held_out),
+    }
+
+
+def _start(steps, shift=3.0):
+    return time_shift(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
+
+
+def _fit(flow, steps, solver, fit, seed=0, **kwargs):
+    return fit_sampler(
+        flow["denoise"],
+        flow["calibration"],
+        steps,
+        solver=solver,
+        fit=fit,
+        reference=flow["calibration_reference"],
+        start_sigmas=_start(steps),
+        seed=seed,
+        iterations=kwargs.pop("iterations", ITERATIONS),
+        **kwargs,
+    )
+
+
+def _held_out_error(flow, sigmas, solver, corrections=None):
+    x = run_solver(flow["denoise"], flow["held_out"], sigmas, solver, corrections)
+    return float(relative_error(x, flow["held_out_reference"]).mean())
+
+
+@pytest.mark.parametrize(("solver", "fit", "steps"), [("multistep", "bespoke", 6), ("euler", "steps", 5), ("midpoint", "bespoke", 3)])
+def test_fit_lowers_calibration_and_held_out_error(flow, solver, fit, steps):
+    fitted = _fit(flow, steps, solver, fit)
+    report = fitted.report
+    assert report["best_iteration"] > 0
+    assert report["calibration_error"] < 0.8 * report["start_calibration_error"]
+    start = _held_out_error(flow, _start(steps), solver)
+    held_out = float(relative_error(fitted.sample(flow["denoise"], flow["held_out"]), flow["held_out_reference"]).mean())
+    assert held_out < 0.8 * start
+    assert held_out < 1.5 * report["calibration_error"]  # no visible overfitting
+
+
+def test_sigmas_monotone_endpoints_fixed_and_reproducible(flow):
+    first = _fit(flow, 5, "multistep", "bespoke", seed=3, iterations=20)
+    again = _fit(flow, 5, "multistep", "bespoke", seed=3, iterations=20)
+    other = _fit(flow, 5, "multistep", "bespoke", seed=4, iterations=20)
+    sigmas = first.sigmas
+    assert sigmas.shape == (6,) and float(sigmas[0]) == 1.0 and float(sigmas[-1]) == 0.0
+    assert bool((sigmas[1:] < sigmas[:-1]).all())
+    assert torch.equal(first.sigmas, again.sigmas) and torch.equal(first.corrections, again.corrections)
+    assert not torch.equal(first.sigmas, other.sigmas)  # the seed chooses the validation split
+    assert first.fit == "bespoke" and first.corrections.abs().sum() > 0
+
+
+def test_steps_fit_keeps_the_base_solver(flow):
+    fitted = _fit(flow, 4, "multistep", "steps", iterations=10)
+    assert torch.equal(fitted.corrections, torch.zeros(4, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("solver", "steps", "calls"), [("euler", 4, 4), ("multistep", 7, 7), ("midpoint", 5, 10)])
+def test_sampling_costs_exactly_the_budget(flow, solver, steps, calls):
+    fitted = _fit(flow, steps, solver, "bespoke", iterations=3)
+    counter = {"calls": 0}
+
+    def counted(x, sigma):
+        counter["calls"] += 1
+        assert sigma.shape == (x.shape[0],) and float(sigma.min()) > 0  # never at sigma 0
+        return flow["denoise"](x, sigma)
+
+    fitted.sample(counted, flow["held_out"][:8])
+    assert counter["calls"] == fitted.model_calls == model_calls_for(solver, steps) == calls
+
+
+@pytest.mark.parametrize(("solver", "order"), [("euler", 1), ("multistep", 2), ("midpoint", 2)])
+def test_base_solvers_converge_at_their_order(solver, order):
+    # Broad components keep the flow smooth, so 32-64 intervals are in the asymptotic regime.
+    mixture = make_mixture(dim=4, components=3, std_range=(0.3, 0.5), seed=3)
+    noise = torch.randn(64, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    reference = reference_solution(mixture, noise)
+
+    def error(steps):
+        sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        return float(relative_error(run_solver(mixture.denoise, noise, sigmas, solver), reference).mean())
+
+    ratio = error(32) / error(64)
+    assert 2**order * 0.8 < ratio < 2**order * 1.3
+
+
+def test_json_round_trip(flow):
+    fitted = _fit(flow, 4, "midpoint", "bespoke", iterations=5)
+    restored = FittedSampler.from_json(fitted.to_json())
+    assert torch.equal(restored.sigmas, fitted.sigmas) and torch.equal(restored.corrections, fitted.corrections)
+    assert (restored.solver, restored.fit, restored.model_calls) == ("midpoint", "bespoke", 8)
+    assert len(fitted.to_json()) < 4000
+    x = flow["held_out"][:16]
+    assert torch.equal(restored.sample(flow["denoise"], x), fitted.sample(flow["denoise"], x))
+
+
+def test_reference_is_computed_and_its_cost_reported(flow):
+    fitted = fit_sampler(flow["denoise"], flow["calibration"][:32], 4, iterations=2, start_sigmas=_start(4))
+    cost = fitted.report["reference_cost"]
+    assert cost["calls"] == 128 and cost["samples"] == 128 * 32
+    assert fitted.report["fit_cost"]["calls"] > 0
+
+
+def test_learning_rate_too_large_does_not_diverge(flow):
+    fitted = _fit(flow, 6, "multistep", "bespoke", learning_rate=5.0, iterations=30)
+    report = fitted.report
+    assert math.isfinite(report["validation_error"])
+    assert report["validation_error"] <= report["start_validation_error"]  # best iterate, start included
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": 0}, "steps must be a whole number >= 1"),
+        ({"solver": "rk4"}, "solver must be one of"),
+        ({"fit": "everything"}, "fit must be one of"),
+        ({"noise": torch.zeros(1, 4)}, "at least 2 calibration samples"),
+        ({"start_sigmas": torch.tensor([1.0, 0.7, 0.8, 0.0])}, "strictly descending"),
+    ],
+)
+def test_bad_inputs_are_refused_by_name(flow, kwargs, message):
+    arguments = {"noise": flow["calibration"][:8], "steps": 3, "iterations": 1}
+    arguments.update(kwargs)
+    noise, steps = arguments.pop("noise"), arguments.pop("steps")
+    with pytest.raises(ValueError, match=message):
+        fit_sampler(flow["denoise"], noise, steps, **arguments)
+
+
+def test_nan_from_the_model_is_named(flow):
+    def broken(x, sigma):
+        out = flow["denoise"](x, sigma)
+        return out if float(sigma[0]) > 0.5 else out * float("nan")
+
+    with pytest.raises(ValueError, match="denoise returned NaN or inf at sigma"):
+        fit_sampler(broken, flow["calibration"][:8], 4, iterations=1)
+
+
+def test_k_diffusion_sampler_refuses_foreign_sigmas_only_for_bespoke(flow):
+    from lumina_turbo.samplers.fitted_sampler import sample_fitted
+
+    def model(x, sigma, **extra_args):
+        return flow["denoise"](x, sigma)
+
+    x = flow["held_out"][:8]
+    bespoke = _fit(flow, 4, "multistep", "bespoke", iterations=3)
+    assert torch.equal(sample_fitted(model, x, bespoke.sigmas, fitted=bespoke.to_dict()), bespoke.sample(flow["denoise"], x))
+    other = torch.linspace(1.0, 0.0, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="sigmas: this bespoke sampler was fitted for its own 4-step sigmas"):
+        sample_fitted(model, x, other, fitted=bespoke.to_dict())
+    steps_only = _fit(flow, 4, "multistep", "steps", iterations=3)
+    assert torch.isfinite(sample_fitted(model, x, other, fitted=steps_only.to_dict())).all()
