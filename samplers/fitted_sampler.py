@@ -32,7 +32,7 @@ from numbers import Real
 
 import torch
 
-from .flow_solvers import flow_velocity
+from .flow import velocity_from_denoised
 from .schedules import check_sigmas, check_steps
 
 SOLVERS = ("euler", "multistep", "midpoint")
@@ -116,9 +116,9 @@ def run_solver(
             a, b, c = corrections[i, 0], corrections[i, 1], corrections[i, 2]
         if solver == "midpoint":
             sigma_mid = (sigma + sigma_next) / 2
-            x_mid = x + flow_velocity(x, sigma, denoised) * (sigma_mid - sigma)
+            x_mid = x + velocity_from_denoised(x, denoised, sigma) * (sigma_mid - sigma)
             denoised_mid = _call(denoise, x_mid, sigma_mid)
-            x = x + flow_velocity(x_mid, sigma_mid, denoised_mid) * (sigma_next - sigma)
+            x = x + velocity_from_denoised(x_mid, denoised_mid, sigma_mid) * (sigma_next - sigma)
             x = x + a * x_mid + b * denoised_mid + c * (denoised_mid - denoised)
             continue
         extrapolation = 0.0
