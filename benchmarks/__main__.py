@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(names: list[str]) -> int:
-    available = sorted(p.stem[len("bench_"):] for p in HERE.glob("bench_*.py"))
+    available = sorted(p.stem[len("bench_") :] for p in HERE.glob("bench_*.py"))
     unknown = sorted(set(names) - set(available))
     if unknown:
         print(f"unknown benchmark(s) {unknown}; available: {available}", file=sys.stderr)

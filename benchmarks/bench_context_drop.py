@@ -161,7 +161,11 @@ def _threads(count):
 def _ratios(series, reference):
     """median, min, max of the per-repeat ratios series[i] / reference[i]."""
     ratios = [a / b for a, b in zip(series, reference, strict=True)]
-    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+    return {
+        "median": round(statistics.median(ratios), 3),
+        "min": round(min(ratios), 3),
+        "max": round(max(ratios), 3),
+    }
 
 
 def released_forward(rest, exact_layer, layer):
@@ -178,7 +182,9 @@ def released_sampling_ratio(rest, exact_layer, layer, sigmas):
     layers = list(range(RELEASED["main_layers"]))
     dropped = exact = 0.0
     for sigma in sigmas:
-        n = len(context_drop.dropping_layers(context_drop.drop_strength(sigma, 1.0, settings.end_sigma), layers))
+        n = len(
+            context_drop.dropping_layers(context_drop.drop_strength(sigma, 1.0, settings.end_sigma), layers)
+        )
         dropped += rest + (RELEASED["noise_refiner_layers"] + len(layers) - n) * exact_layer + n * layer
         exact += released_forward(rest, exact_layer, exact_layer)
     return round(dropped / exact, 3)
@@ -194,12 +200,16 @@ def _measure(models, tokens, generator, clock, sigmas):
     for repeat in range(REPEATS):
         for run in RUNS if repeat % 2 == 0 else RUNS[::-1]:
             backend, variant = run
-            for field, value in zip(fields, _forward(models[variant], backend, x, context, clock), strict=True):
+            for field, value in zip(
+                fields, _forward(models[variant], backend, x, context, clock), strict=True
+            ):
                 times[run][field].append(value)
     rows = {}
     for backend in dict.fromkeys(b for b, _ in RUNS):
         exact = times[(backend, "exact")]
-        rest = statistics.median(f - LAYERS * c for f, c in zip(exact["forward_cpu"], exact["layer_cpu"], strict=True))
+        rest = statistics.median(
+            f - LAYERS * c for f, c in zip(exact["forward_cpu"], exact["layer_cpu"], strict=True)
+        )
         exact_layer = statistics.median(exact["layer_cpu"])
         for b, variant in RUNS:
             if b != backend:
@@ -214,11 +224,16 @@ def _measure(models, tokens, generator, clock, sigmas):
                 "layer_wall_ratio": _ratios(series["layer_wall"], exact["layer_wall"]),
                 "released_forward_s": round(released_forward(rest, exact_layer, layer), 1),
                 "released_forward_ratio": round(
-                    released_forward(rest, exact_layer, layer) / released_forward(rest, exact_layer, exact_layer), 3
+                    released_forward(rest, exact_layer, layer)
+                    / released_forward(rest, exact_layer, exact_layer),
+                    3,
                 ),
                 "released_sampling_ratio": released_sampling_ratio(rest, exact_layer, layer, sigmas),
             }
-    seconds = {f"{b}/{v}": {f: [round(t, 3) for t in s] for f, s in series.items()} for (b, v), series in times.items()}
+    seconds = {
+        f"{b}/{v}": {f: [round(t, 3) for t in s] for f, s in series.items()}
+        for (b, v), series in times.items()
+    }
     return {"image_tokens": (side // 2) ** 2, "latent": list(x.shape), "rows": rows, "seconds": seconds}
 
 
@@ -228,9 +243,13 @@ def _psnr_rows(models, generator):
 
     noise = torch.randn(1, 16, 128, 128, generator=generator)
     context = torch.randn(1, CAPTION_TOKENS, CONFIG["cap_feat_dim"], generator=generator)
-    sigmas = comfy.samplers.calculate_sigmas(models["exact"].get_model_object("model_sampling"), "simple", STEPS)
+    sigmas = comfy.samplers.calculate_sigmas(
+        models["exact"].get_model_object("model_sampling"), "simple", STEPS
+    )
     latents = {name: _sample(model, sigmas, noise, context) for name, model in models.items()}
-    return {name: round(psnr(latents["exact"], latents[name]), 2) for name in models if name != "exact"}, sigmas
+    return {
+        name: round(psnr(latents["exact"], latents[name]), 2) for name in models if name != "exact"
+    }, sigmas
 
 
 def run() -> dict:
@@ -276,8 +295,17 @@ def run() -> dict:
         "attention": {"default": attention, "sdpa": "attention_pytorch"},
         "tokens": measured,
         "psnr_db": psnr_db,
-        "psnr_run": {"steps": STEPS, "sampler": "euler", "cfg": 1.0, "sigmas": [round(s, 4) for s in psnr_sigmas.tolist()]},
-        "sampling_schedule": {**SCHEDULE, "shift": float(sampling.shift), "sigmas": [round(s, 4) for s in sigmas]},
+        "psnr_run": {
+            "steps": STEPS,
+            "sampler": "euler",
+            "cfg": 1.0,
+            "sigmas": [round(s, 4) for s in psnr_sigmas.tolist()],
+        },
+        "sampling_schedule": {
+            **SCHEDULE,
+            "shift": float(sampling.shift),
+            "sigmas": [round(s, 4) for s in sigmas],
+        },
         "forward_ratio_k2": head["default/k2"]["released_forward_ratio"],
         "forward_ratio_k2_sdpa": head["sdpa/k2"]["released_forward_ratio"],
         "layer_ratio_k2": head["default/k2"]["layer_cpu_ratio"]["median"],

@@ -231,7 +231,11 @@ def run() -> dict:
             return "missed"
         if not counts:
             return "unresolved (A/A control off)"
-        return "met (median; interval reaches above)" if wall_summary[pair]["median"] <= targets[pair] else "missed"
+        return (
+            "met (median; interval reaches above)"
+            if wall_summary[pair]["median"] <= targets[pair]
+            else "missed"
+        )
 
     def label(pair) -> str:
         return f"{pair[0]}/{pair[1]}"

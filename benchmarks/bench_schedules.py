@@ -376,5 +376,11 @@ def run() -> dict:
         },
         "fitted": fitted,
         "fitted_nextdit": fitted_tiny,
-        "table": _tables(rows, summary, problems) + "\n\n" + _sweep_table(sweep) + "\n\n" + fitted["table"] + "\n\n" + fitted_tiny["table"],
+        "table": _tables(rows, summary, problems)
+        + "\n\n"
+        + _sweep_table(sweep)
+        + "\n\n"
+        + fitted["table"]
+        + "\n\n"
+        + fitted_tiny["table"],
     }

@@ -45,8 +45,13 @@ def _builtin_samplers() -> dict:
         # UniPC mixes its own float32 coefficients into the state: it runs in float32 (error ~1e-7).
         def sampler(model, x, sigmas, disable=True):
             x = ksampler.sampler_function(
-                model, x.to(dtype or x.dtype), sigmas.to(dtype or sigmas.dtype), extra_args={}, callback=None,
-                disable=disable, **ksampler.extra_options,
+                model,
+                x.to(dtype or x.dtype),
+                sigmas.to(dtype or sigmas.dtype),
+                extra_args={},
+                callback=None,
+                disable=disable,
+                **ksampler.extra_options,
             )
             return x.to(torch.float64)
 
@@ -114,7 +119,14 @@ def _fit(mixture, calibration, held_out, reference, shift, budget, solver, fit, 
 
     began = time.perf_counter()
     fitted = fit_sampler(
-        denoise, calibration, steps, solver=solver, fit=fit, start_sigmas=start, seed=seed, iterations=ITERATIONS
+        denoise,
+        calibration,
+        steps,
+        solver=solver,
+        fit=fit,
+        start_sigmas=start,
+        seed=seed,
+        iterations=ITERATIONS,
     )
     seconds = time.perf_counter() - began
     calls = {"count": 0}
@@ -167,7 +179,11 @@ def run() -> dict:
             for budget in NFE_BUDGETS:
                 own_pair, own_error = _best(by_shift[own_shift], budget)
                 hindsight = min(
-                    ((f"{pair} @ shift {s:g}", e) for s in HINDSIGHT_SHIFTS for pair, e in [_best(by_shift[s], budget)]),
+                    (
+                        (f"{pair} @ shift {s:g}", e)
+                        for s in HINDSIGHT_SHIFTS
+                        for pair, e in [_best(by_shift[s], budget)]
+                    ),
                     key=lambda pair: pair[1],
                 )
                 entry = {
@@ -183,7 +199,9 @@ def run() -> dict:
                             dtype=torch.float64,
                             generator=torch.Generator().manual_seed(1000 + seed),
                         )
-                        result = _fit(mixture, calibration, held_out, reference, own_shift, budget, solver, fit, seed)
+                        result = _fit(
+                            mixture, calibration, held_out, reference, own_shift, budget, solver, fit, seed
+                        )
                         assert result["nfe"] <= budget, (solver, fit, budget, result["nfe"])
                         result["over_own_shift"] = result["held_out_error"] / own_error
                         result["over_hindsight"] = result["held_out_error"] / hindsight[1]
@@ -238,7 +256,8 @@ def _table(models) -> str:
     for variant, per_budget in summary.items():
         for key, label in (("over_own_shift", "own shift"), ("over_hindsight", "hindsight")):
             cells = [
-                f"{per_budget[n][key + '_geomean']:.2f} ({per_budget[n][key + '_worst']:.2f})" for n in NFE_BUDGETS
+                f"{per_budget[n][key + '_geomean']:.2f} ({per_budget[n][key + '_worst']:.2f})"
+                for n in NFE_BUDGETS
             ]
             lines.append(f"| {variant} | {label} | " + " | ".join(cells) + " |")
     lines += [

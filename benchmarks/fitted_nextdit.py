@@ -29,9 +29,15 @@ CALLS_PER_STEP = {"heun": 2, "heunpp2": 3, "dpm_2": 2}  # the others: one call p
 
 def _base(g):
     loader = g.node(
-        "LTModelLoader", model="tiny-random-lumina2", text_encoder=FROM_FOLDER, vae=FROM_FOLDER, weight_dtype="default"
+        "LTModelLoader",
+        model="tiny-random-lumina2",
+        text_encoder=FROM_FOLDER,
+        vae=FROM_FOLDER,
+        weight_dtype="default",
     )
-    pos = g.node("CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="a red cat", clip=loader.out(1))
+    pos = g.node(
+        "CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="a red cat", clip=loader.out(1)
+    )
     neg = g.node("CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="blurry", clip=loader.out(1))
     guider = g.node("CFGGuider", model=loader.out(0), positive=pos.out(0), negative=neg.out(0), cfg=3.0)
     latent = g.node("EmptySD3LatentImage", width=64, height=64, batch_size=HELD_OUT)
@@ -47,7 +53,9 @@ def _sample(host, sampler_node, sigmas_node=None, scheduler=None, steps=None):
     if sigmas_node is not None:
         sigmas = sigmas_node(sampler)
     else:
-        sigmas = g.node("BasicScheduler", model=loader.out(0), scheduler=scheduler, steps=steps, denoise=1.0).out(0)
+        sigmas = g.node(
+            "BasicScheduler", model=loader.out(0), scheduler=scheduler, steps=steps, denoise=1.0
+        ).out(0)
     sampled = g.node(
         "SamplerCustomAdvanced",
         noise=g.node("RandomNoise", noise_seed=7).out(0),
@@ -98,6 +106,7 @@ def run() -> dict:
                 if math.isfinite(error):
                     rows.append({"nfe": budget, "pair": f"{scheduler} + {name}", "error": error})
         for solver, fit in (("multistep", "steps"), ("multistep", "bespoke")):
+
             def fit_node(g, guider, latent, solver=solver, fit=fit, budget=budget):
                 node = g.node(
                     "LTFitSampler",

@@ -128,7 +128,9 @@ class ComfyHost:
         for node_output in outputs.values():
             for item in node_output.get("latents", []):
                 path = self.output_dir / item.get("subfolder", "") / item["filename"]
-                found[item["filename"].split("_")[0]] = safetensors.torch.load_file(str(path))["latent_tensor"]
+                found[item["filename"].split("_")[0]] = safetensors.torch.load_file(str(path))[
+                    "latent_tensor"
+                ]
         return found
 
     def latent(self, outputs: dict):
@@ -155,18 +157,30 @@ class ComfyServer:
         self.user_dir = tempfile.mkdtemp(prefix="comfy-user-")
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
-            sys.executable, str(COMFY_DIR / "main.py"), "--cpu", "--listen", "127.0.0.1",
-            "--port", str(self.port), "--disable-api-nodes", "--output-directory", str(output_dir),
-            "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
+            sys.executable,
+            str(COMFY_DIR / "main.py"),
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-api-nodes",
+            "--output-directory",
+            str(output_dir),
+            "--database-url",
+            "sqlite:///:memory:",
+            "--disable-auto-launch",
             # Settings and saved workflows of tests stay out of .comfyui/user (the `make run` user's).
-            "--user-directory", self.user_dir,
+            "--user-directory",
+            self.user_dir,
         ]
         self.log_path = log_path
         self._log = open(log_path, "w")
         environment = {k: v for k, v in os.environ.items() if k != TRAINING_ROOTS_ENV}
         environment.update({"PYTHONUNBUFFERED": "1", **(env or {})})
-        self.proc = subprocess.Popen(cmd, cwd=str(COMFY_DIR), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=environment)
+        self.proc = subprocess.Popen(
+            cmd, cwd=str(COMFY_DIR), stdout=self._log, stderr=subprocess.STDOUT, env=environment
+        )
         self._wait_ready(timeout=180)
 
     def _wait_ready(self, timeout: float):
@@ -193,8 +207,9 @@ class ComfyServer:
             return response.read()
 
     def post_json(self, path: str, payload: dict):
-        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status, json.loads(response.read())

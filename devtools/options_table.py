@@ -1,7 +1,7 @@
 """docs/training-options.md, the table of every trainer option, generated from training/options.py.
 
-    .venv/bin/python -m lumina_turbo.devtools.options_table          # print it
-    .venv/bin/python -m lumina_turbo.devtools.options_table --write  # rewrite docs/training-options.md
+.venv/bin/python -m lumina_turbo.devtools.options_table          # print it
+.venv/bin/python -m lumina_turbo.devtools.options_table --write  # rewrite docs/training-options.md
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ def table() -> str:
     for name in options.toml_options():
         field, extra = options.fields()[name], options.extra(name)
         key = f"`{name}`" + "".join(f" (`{a}`)" for a in aliases.get(name, []))
-        node = f"{extra['node']} `{options.widget_name(name)}`" if extra.get("node") else (
-            "CLI only" if extra.get("headless") else "`advanced` box"
+        node = (
+            f"{extra['node']} `{options.widget_name(name)}`"
+            if extra.get("node")
+            else ("CLI only" if extra.get("headless") else "`advanced` box")
         )
         default = f"`{json.dumps(field.default)}`"
         rows.append(

@@ -23,8 +23,12 @@ def main() -> int:
         try:
             outputs = host.run(json.loads(path.read_text()))
             # Saved images only (PreviewImage's are temporary files).
-            images = [img["filename"] for out in outputs.values() for img in out.get("images", [])
-                      if img.get("type", "output") == "output"]
+            images = [
+                img["filename"]
+                for out in outputs.values()
+                for img in out.get("images", [])
+                if img.get("type", "output") == "output"
+            ]
             status = f"ok, {len(images)} image(s): " + ", ".join(images)
         except Exception as exc:  # report every workflow, then fail at the end
             failed += 1

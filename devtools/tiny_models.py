@@ -11,7 +11,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 FACTORY_SOURCES = [
-    "devtools/tiny_factory.py", "devtools/tiny_transformers.py", "loading/nextdit_keys.py", "devtools/tiny_lora.py",
+    "devtools/tiny_factory.py",
+    "devtools/tiny_transformers.py",
+    "loading/nextdit_keys.py",
+    "devtools/tiny_lora.py",
 ]
 
 

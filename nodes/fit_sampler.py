@@ -137,7 +137,9 @@ def differentiable_clone(model):
     return patcher
 
 
-def fit_with_guider(guider, noise, start_sigmas, steps, solver, fit, iterations, batch_size, seed) -> FittedSampler:
+def fit_with_guider(
+    guider, noise, start_sigmas, steps, solver, fit, iterations, batch_size, seed
+) -> FittedSampler:
     """Run :func:`fit_sampler` with the guider as the denoiser, inside ComfyUI's sampling machinery."""
     progress = comfy.utils.ProgressBar(max(iterations, 1))
     result = {}
@@ -277,7 +279,11 @@ class LTFitSampler(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, steps, solver, fit, calibration_samples, iterations, batch_size, seed):
         values = dict(
-            steps=steps, calibration_samples=calibration_samples, iterations=iterations, batch_size=batch_size, seed=seed
+            steps=steps,
+            calibration_samples=calibration_samples,
+            iterations=iterations,
+            batch_size=batch_size,
+            seed=seed,
         )
         try:
             for name, value in values.items():
@@ -298,7 +304,11 @@ class LTFitSampler(io.ComfyNode):
         import comfy.model_sampling
 
         for name, value in dict(
-            steps=steps, calibration_samples=calibration_samples, iterations=iterations, batch_size=batch_size, seed=seed
+            steps=steps,
+            calibration_samples=calibration_samples,
+            iterations=iterations,
+            batch_size=batch_size,
+            seed=seed,
         ).items():
             _checked(name, value)
         if solver not in SOLVERS:
@@ -335,7 +345,9 @@ class LTFitSampler(io.ComfyNode):
             f"LTFitSampler · {solver} {fit} · {calls} calls · error "
             f"{report.get('validation_error', float('nan')):.4f} (default {report.get('start_validation_error', float('nan')):.4f})"
         )
-        plot = sigma_plot(sigmas, title, reference=start.to(torch.float32), labels=("fitted", "model default"))
+        plot = sigma_plot(
+            sigmas, title, reference=start.to(torch.float32), labels=("fitted", "model default")
+        )
         return io.NodeOutput(sampler, sigmas, plot)
 
 

@@ -102,7 +102,9 @@ def plain_file_name(value, input_name: str) -> str:
     if not isinstance(value, str):
         raise PathRefused(f"{input_name}: expected a file name, got {type(value).__name__}")
     if "/" in value or "\\" in value or os.sep in value or value.startswith(".") or "\x00" in value:
-        raise PathRefused(f"{input_name}: expected a plain file name (no folders, not starting with '.'), got {value!r}")
+        raise PathRefused(
+            f"{input_name}: expected a plain file name (no folders, not starting with '.'), got {value!r}"
+        )
     return value
 
 
@@ -112,7 +114,9 @@ def model_folder_file(kind: str, path: str | Path, input_name: str) -> Path:
     roots = folder_paths.get_folder_paths(kind)
     resolved = Path(path).resolve()
     if not any(is_inside(resolved, Path(root).resolve()) for root in roots):
-        raise PathRefused(f"{input_name}: the file would be written outside models/{kind}/ (through a symlink?)")
+        raise PathRefused(
+            f"{input_name}: the file would be written outside models/{kind}/ (through a symlink?)"
+        )
     return resolved
 
 
@@ -121,5 +125,7 @@ def output_subfolder(*parts: str, input_name: str) -> Path:
     output_dir = Path(folder_paths.get_output_directory())
     resolved = output_dir.joinpath(*parts).resolve()
     if not is_inside(resolved, output_dir.resolve()):
-        raise PathRefused(f"{input_name}: the folder would lie outside ComfyUI's output/ folder (through a symlink?)")
+        raise PathRefused(
+            f"{input_name}: the folder would lie outside ComfyUI's output/ folder (through a symlink?)"
+        )
     return resolved

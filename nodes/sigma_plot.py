@@ -36,7 +36,10 @@ def _step_ticks(steps: int) -> list[int]:
 
 
 def sigma_plot(
-    sigmas: torch.Tensor, title: str, reference: torch.Tensor | None = None, labels: tuple[str, str] | None = None
+    sigmas: torch.Tensor,
+    title: str,
+    reference: torch.Tensor | None = None,
+    labels: tuple[str, str] | None = None,
 ) -> torch.Tensor:
     """An IMAGE (1, HEIGHT, WIDTH, 3) of ``sigmas`` (ComfyUI sigma, 1 = noise) against step index.
 

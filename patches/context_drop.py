@@ -117,7 +117,9 @@ def parse_layers(text: str) -> tuple[int, ...] | None:
 def check_layers(layers: tuple[int, ...] | None, depth: int) -> None:
     """ValueError naming the input when an index is not one of the model's ``depth`` main layers."""
     if layers and max(layers) >= depth:
-        raise ValueError(f"layers: the model has {depth} main layers (0-{depth - 1}), got index {max(layers)}")
+        raise ValueError(
+            f"layers: the model has {depth} main layers (0-{depth - 1}), got index {max(layers)}"
+        )
 
 
 def pool_grid(tokens: torch.Tensor, grid: tuple[int, int], kernel: int) -> torch.Tensor:
@@ -201,7 +203,7 @@ class ForwardPlan:
             log_once(
                 "layout",
                 f"attention call {index} does not have the NextDiT layout expected "
-                f"(query {tuple(q.shape)}); exact attention for the rest of this forward"
+                f"(query {tuple(q.shape)}); exact attention for the rest of this forward",
             )
             return self._exact(func, args, kwargs)
         layer = index - self.n_context - self.n_noise
@@ -217,12 +219,15 @@ class ForwardPlan:
             if mask.shape[-1] != k.shape[2]:
                 log_once(
                     "mask_shape",
-                    f"an attention mask of shape {tuple(mask.shape)} does not match the keys; exact attention"
+                    f"an attention mask of shape {tuple(mask.shape)} does not match the keys; exact attention",
                 )
                 return self._exact(func, args, kwargs)
             mask = _pool_mask(mask, cap, self.grid, self.kernel)
             if mask is None:
-                log_once("mask_window", "an attention mask varies inside a pooling window; exact attention where it does")
+                log_once(
+                    "mask_window",
+                    "an attention mask varies inside a pooling window; exact attention where it does",
+                )
                 return self._exact(func, args, kwargs)
 
         def drop(t):

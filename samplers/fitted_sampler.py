@@ -187,7 +187,9 @@ class FittedSampler:
         corrections = torch.tensor(data["corrections"], dtype=torch.float64)
         if corrections.shape != (sigmas.numel() - 1, 3) or not bool(torch.isfinite(corrections).all()):
             raise ValueError("fitted corrections must be finite, one row of 3 per interval")
-        return cls(sigmas, check_solver(data["solver"]), check_fit(data["fit"]), corrections, data.get("report", {}))
+        return cls(
+            sigmas, check_solver(data["solver"]), check_fit(data["fit"]), corrections, data.get("report", {})
+        )
 
     @classmethod
     def from_json(cls, text: str) -> FittedSampler:
@@ -205,9 +207,7 @@ def reference_solution(denoise, noise: torch.Tensor, steps: int = REFERENCE_STEP
     sigmas = sigmoid_sigmas(steps, slope=3.0).to(torch.float64)
     chunk = chunk or noise.shape[0]
     with torch.no_grad():
-        parts = [
-            run_solver(denoise, part, sigmas.to(part.dtype), "midpoint") for part in noise.split(chunk)
-        ]
+        parts = [run_solver(denoise, part, sigmas.to(part.dtype), "midpoint") for part in noise.split(chunk)]
     return torch.cat(parts)
 
 
@@ -308,7 +308,9 @@ def fit_sampler(
     if reference is None:
         reference = reference_solution(counted, noise, chunk=chunk)
     elif reference.shape != noise.shape:
-        raise ValueError(f"reference must have the noise's shape {tuple(noise.shape)}, got {tuple(reference.shape)}")
+        raise ValueError(
+            f"reference must have the noise's shape {tuple(noise.shape)}, got {tuple(reference.shape)}"
+        )
     reference_cost = {"calls": counted.calls, "samples": counted.samples}
     counted.calls = counted.samples = 0
 
@@ -321,7 +323,9 @@ def fit_sampler(
     logits = _initial_logits(start_sigmas).to(device=device, dtype=dtype).requires_grad_(True)
     corrections = torch.zeros(steps, 3, dtype=dtype, device=device, requires_grad=fit == "bespoke")
     if solver == "euler":
-        mask = torch.tensor([1.0, 1.0, 0.0], dtype=dtype, device=device)  # (D - D_prev) would make it multistep
+        mask = torch.tensor(
+            [1.0, 1.0, 0.0], dtype=dtype, device=device
+        )  # (D - D_prev) would make it multistep
     else:
         mask = torch.ones(3, dtype=dtype, device=device)
     parameters = [{"params": [logits], "lr": learning_rate}]
@@ -342,7 +346,9 @@ def fit_sampler(
 
     optimizer = torch.optim.Adam(parameters)
     # Cosine decay: large early moves find the schedule's shape, small late ones settle it.
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(iterations, 1), eta_min=learning_rate / 20)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, max(iterations, 1), eta_min=learning_rate / 20
+    )
     best_validation = evaluate(validation)
     start_validation = best_validation
     start_calibration = evaluate(calibration)
@@ -372,14 +378,21 @@ def fit_sampler(
             history.append({"iteration": iteration, "calibration": None, "validation": None})
             continue
         if iteration <= iterations // 2:
-            corrections.grad = None  # first half: the schedule alone, so the corrections start from a fitted one
-        for parameter in (logits, corrections):  # apart: large correction gradients must not starve the logits
+            corrections.grad = (
+                None  # first half: the schedule alone, so the corrections start from a fitted one
+            )
+        for parameter in (
+            logits,
+            corrections,
+        ):  # apart: large correction gradients must not starve the logits
             if parameter.grad is not None:
                 torch.nn.utils.clip_grad_norm_([parameter], max_norm=1.0)
         optimizer.step()
         scheduler.step()
         validation_error = evaluate(validation)
-        history.append({"iteration": iteration, "calibration": float(total.detach()), "validation": validation_error})
+        history.append(
+            {"iteration": iteration, "calibration": float(total.detach()), "validation": validation_error}
+        )
         if math.isfinite(validation_error) and validation_error < best_validation:
             best_validation = validation_error
             best = (logits.detach().clone(), corrections.detach().clone(), iteration)

@@ -8,7 +8,15 @@ from pathlib import Path
 
 from lumina_turbo.devtools.comfy_host import COMFY_DIR, REPO
 
-COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "execution"}
+COMFY_MODULES = {
+    "comfy",
+    "comfy_api",
+    "comfy_extras",
+    "comfy_execution",
+    "folder_paths",
+    "server",
+    "execution",
+}
 # Each folder of the installed pack and the folders it may import ("comfy": ComfyUI itself).
 ALLOWED = {
     "samplers": set(),

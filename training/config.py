@@ -255,8 +255,12 @@ def validate(config: TrainConfig, origin: str = "config") -> TrainConfig:
             "(3.0), and AC-RF's dynamic shift passed mu where exp(mu) belongs. Set shift instead."
         )
     if config.replay_min_entries > config.replay_capacity:
-        _fail(origin, "replay_min_entries", f"<= replay_capacity ({config.replay_capacity})",
-              config.replay_min_entries)
+        _fail(
+            origin,
+            "replay_min_entries",
+            f"<= replay_capacity ({config.replay_capacity})",
+            config.replay_min_entries,
+        )
     if not (config.train_attention or config.train_ffn or config.train_adaln):
         raise ConfigError(
             f"{origin}: train_attention, train_ffn and train_adaln are all false: no layer to train"

@@ -78,109 +78,287 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
     # --- shown on LTLoraTrainer, in its order --------------------------------------------------
-    max_train_steps: int = option(500, TRAINING, "Optimizer steps (when num_train_epochs is 0).",
-                                  ge=1, le=1_000_000, node=TRAINER, widget="steps", identity=False)
-    learning_rate: float = option(1e-4, TRAINING, "Peak learning rate.",
-                                  ge=1e-7, le=1.0, node=TRAINER, step=1e-6)
+    max_train_steps: int = option(
+        500,
+        TRAINING,
+        "Optimizer steps (when num_train_epochs is 0).",
+        ge=1,
+        le=1_000_000,
+        node=TRAINER,
+        widget="steps",
+        identity=False,
+    )
+    learning_rate: float = option(
+        1e-4, TRAINING, "Peak learning rate.", ge=1e-7, le=1.0, node=TRAINER, step=1e-6
+    )
     network_dim: int = option(16, LORA, "LoRA rank.", ge=1, le=1024, node=TRAINER, widget="rank")
-    network_alpha: float = option(16.0, LORA, "LoRA alpha; the update is scaled by alpha / rank.",
-                                  ge=0.001, le=4096.0, node=TRAINER, widget="alpha", step=0.5)
-    batch_size: int = option(1, DATASET, "Samples per micro-batch, drawn within one bucket.",
-                             ge=1, le=256, node=TRAINER)
-    gradient_accumulation_steps: int = option(1, TRAINING, "Micro-batches per optimizer step.",
-                                              ge=1, le=1024, node=TRAINER, widget="gradient_accumulation")
-    seed: int = option(42, TRAINING, "Seeds LoRA init, data order, sigmas and noise (exact resume relies on it).",
-                       ge=0, le=MAX_INT, node=TRAINER)
+    network_alpha: float = option(
+        16.0,
+        LORA,
+        "LoRA alpha; the update is scaled by alpha / rank.",
+        ge=0.001,
+        le=4096.0,
+        node=TRAINER,
+        widget="alpha",
+        step=0.5,
+    )
+    batch_size: int = option(
+        1, DATASET, "Samples per micro-batch, drawn within one bucket.", ge=1, le=256, node=TRAINER
+    )
+    gradient_accumulation_steps: int = option(
+        1,
+        TRAINING,
+        "Micro-batches per optimizer step.",
+        ge=1,
+        le=1024,
+        node=TRAINER,
+        widget="gradient_accumulation",
+    )
+    seed: int = option(
+        42,
+        TRAINING,
+        "Seeds LoRA init, data order, sigmas and noise (exact resume relies on it).",
+        ge=0,
+        le=MAX_INT,
+        node=TRAINER,
+    )
     timestep_method: Literal[TIMESTEP_METHODS] = option(
-        "anchor", ACRF, "anchor: AC-RF anchors of the Turbo schedule (+ jitter); uniform / shifted_sigmoid: "
-        "for non-Turbo training.", node=TRAINER)
-    turbo_steps: int = option(10, ACRF, "Number of anchors = the step count you will sample with.",
-                              ge=1, le=1000, node=TRAINER)
-    shift: float = option(3.0, ACRF, "Static time shift of the anchors / shifted sampling (Z-Image-Turbo: 3.0).",
-                          ge=0.01, le=100.0, node=TRAINER, step=0.01)
-    jitter_scale: float = option(0.02, ACRF, "Gaussian jitter added to each anchor sigma.",
-                                 ge=0.0, le=1.0, node=TRAINER, step=0.001)
+        "anchor",
+        ACRF,
+        "anchor: AC-RF anchors of the Turbo schedule (+ jitter); uniform / shifted_sigmoid: "
+        "for non-Turbo training.",
+        node=TRAINER,
+    )
+    turbo_steps: int = option(
+        10, ACRF, "Number of anchors = the step count you will sample with.", ge=1, le=1000, node=TRAINER
+    )
+    shift: float = option(
+        3.0,
+        ACRF,
+        "Static time shift of the anchors / shifted sampling (Z-Image-Turbo: 3.0).",
+        ge=0.01,
+        le=100.0,
+        node=TRAINER,
+        step=0.01,
+    )
+    jitter_scale: float = option(
+        0.02, ACRF, "Gaussian jitter added to each anchor sigma.", ge=0.0, le=1.0, node=TRAINER, step=0.001
+    )
     loss_mode: Literal[tuple(LOSS_MODES)] = option(
-        "standard", (TRAINING, LOSS), "standard (MSE + optional L1/cosine), frequency, style, unified; "
-        "their parameters in 'advanced' / [loss].", node=TRAINER)
-    snr_gamma: float = option(5.0, TRAINING, "Min-SNR gamma, rectified-flow form (0 = off); form and floor "
-                              "in 'advanced'.", ge=0.0, le=100.0, node=TRAINER, step=0.1)
-    replay_ratio: float = option(0.0, (ACRF, TRAINING), "Replays per batch sample: the hardest recent samples "
-                                 "(by unweighted loss) are trained again on top of each batch (0 = off).",
-                                 ge=0.0, le=1.0, node=TRAINER, step=0.05)
-    curvature_weight: float = option(0.0, (ACRF, TRAINING), "Weight of the trajectory-curvature penalty "
-                                     "(2 extra forward passes; 0 = off).", ge=0.0, le=100.0, node=TRAINER, step=0.01)
-    train_refiners: bool = option(False, LORA, "Also put LoRAs on the noise/context refiner blocks.", node=TRAINER)
+        "standard",
+        (TRAINING, LOSS),
+        "standard (MSE + optional L1/cosine), frequency, style, unified; "
+        "their parameters in 'advanced' / [loss].",
+        node=TRAINER,
+    )
+    snr_gamma: float = option(
+        5.0,
+        TRAINING,
+        "Min-SNR gamma, rectified-flow form (0 = off); form and floor in 'advanced'.",
+        ge=0.0,
+        le=100.0,
+        node=TRAINER,
+        step=0.1,
+    )
+    replay_ratio: float = option(
+        0.0,
+        (ACRF, TRAINING),
+        "Replays per batch sample: the hardest recent samples "
+        "(by unweighted loss) are trained again on top of each batch (0 = off).",
+        ge=0.0,
+        le=1.0,
+        node=TRAINER,
+        step=0.05,
+    )
+    curvature_weight: float = option(
+        0.0,
+        (ACRF, TRAINING),
+        "Weight of the trajectory-curvature penalty (2 extra forward passes; 0 = off).",
+        ge=0.0,
+        le=100.0,
+        node=TRAINER,
+        step=0.01,
+    )
+    train_refiners: bool = option(
+        False, LORA, "Also put LoRAs on the noise/context refiner blocks.", node=TRAINER
+    )
     train_adaln: bool = option(False, LORA, "Also train the adaLN modulation layers.", node=TRAINER)
     optimizer_type: Literal[OPTIMIZERS] = option(
-        "AdamW", TRAINING, "AdamW; AdamW8bit needs bitsandbytes on CUDA; Prodigy needs prodigyopt.",
-        node=TRAINER, widget="optimizer")
+        "AdamW",
+        TRAINING,
+        "AdamW; AdamW8bit needs bitsandbytes on CUDA; Prodigy needs prodigyopt.",
+        node=TRAINER,
+        widget="optimizer",
+    )
     lr_scheduler: Literal[LR_SCHEDULERS] = option(
-        "constant", TRAINING, "Learning-rate schedule after the warmup.", node=TRAINER)
-    lr_warmup_steps: int = option(0, TRAINING, "Linear learning-rate warmup steps.",
-                                  ge=0, le=1_000_000, node=TRAINER, widget="warmup_steps")
+        "constant", TRAINING, "Learning-rate schedule after the warmup.", node=TRAINER
+    )
+    lr_warmup_steps: int = option(
+        0,
+        TRAINING,
+        "Linear learning-rate warmup steps.",
+        ge=0,
+        le=1_000_000,
+        node=TRAINER,
+        widget="warmup_steps",
+    )
     mixed_precision: Literal[PRECISIONS] = option(
-        "bf16", (ADVANCED, TRAINING), "Model compute dtype; the LoRA itself is always float32.", node=TRAINER)
-    gradient_checkpointing: bool = option(True, (ADVANCED, TRAINING), "Recompute block activations in "
-                                          "backward (less memory, slower).", node=TRAINER, identity=False)
+        "bf16", (ADVANCED, TRAINING), "Model compute dtype; the LoRA itself is always float32.", node=TRAINER
+    )
+    gradient_checkpointing: bool = option(
+        True,
+        (ADVANCED, TRAINING),
+        "Recompute block activations in backward (less memory, slower).",
+        node=TRAINER,
+        identity=False,
+    )
     blocks_to_swap: int = option(
-        0, (ADVANCED, TRAINING), "Keep the last N main blocks in RAM: the model is loaded without them and "
+        0,
+        (ADVANCED, TRAINING),
+        "Keep the last N main blocks in RAM: the model is loaded without them and "
         "ComfyUI's low-VRAM casting streams them to the GPU layer by layer (larger models fit, slower). "
-        "Needs gradient_checkpointing.", ge=0, le=1000, node=TRAINER, identity=False)
-    save_every_n_steps: int = option(100, TRAINING, "Write a checkpoint every N steps (also on interrupt and "
-                                     "at the end; 0 = only then).", ge=0, le=1_000_000, node=TRAINER,
-                                     widget="checkpoint_every", identity=False)
-    resume: bool = option(True, TRAINING, "Continue from this run's checkpoint when one exists (same "
-                          "settings required).", node=TRAINER, identity=False)
+        "Needs gradient_checkpointing.",
+        ge=0,
+        le=1000,
+        node=TRAINER,
+        identity=False,
+    )
+    save_every_n_steps: int = option(
+        100,
+        TRAINING,
+        "Write a checkpoint every N steps (also on interrupt and at the end; 0 = only then).",
+        ge=0,
+        le=1_000_000,
+        node=TRAINER,
+        widget="checkpoint_every",
+        identity=False,
+    )
+    resume: bool = option(
+        True,
+        TRAINING,
+        "Continue from this run's checkpoint when one exists (same settings required).",
+        node=TRAINER,
+        identity=False,
+    )
 
     # --- shown on LTDataset, in its order (what it caches is keyed by the dataset itself) -------
-    resolution: int = option(1024, DATASET, "Training resolution: each bucket holds about resolution x "
-                             "resolution pixels.", ge=64, le=8192, node=DATASET_NODE, step=16, identity=False)
-    bucket_step: int = option(64, DATASET, "Bucket sides are multiples of this many pixels (a multiple of 16).",
-                              ge=16, le=1024, node=DATASET_NODE, step=16, identity=False)
-    enable_bucket: bool = option(True, DATASET, "Aspect-ratio buckets; off = every image is centre-cropped "
-                                 "to a square.", node=DATASET_NODE, identity=False)
-    caption_dropout_rate: float = option(0.0, DATASET, "Probability of training a sample with the empty "
-                                         "caption (helps CFG-free use).", ge=0.0, le=1.0, node=DATASET_NODE,
-                                         widget="caption_dropout", step=0.01, identity=False)
+    resolution: int = option(
+        1024,
+        DATASET,
+        "Training resolution: each bucket holds about resolution x resolution pixels.",
+        ge=64,
+        le=8192,
+        node=DATASET_NODE,
+        step=16,
+        identity=False,
+    )
+    bucket_step: int = option(
+        64,
+        DATASET,
+        "Bucket sides are multiples of this many pixels (a multiple of 16).",
+        ge=16,
+        le=1024,
+        node=DATASET_NODE,
+        step=16,
+        identity=False,
+    )
+    enable_bucket: bool = option(
+        True,
+        DATASET,
+        "Aspect-ratio buckets; off = every image is centre-cropped to a square.",
+        node=DATASET_NODE,
+        identity=False,
+    )
+    caption_dropout_rate: float = option(
+        0.0,
+        DATASET,
+        "Probability of training a sample with the empty caption (helps CFG-free use).",
+        ge=0.0,
+        le=1.0,
+        node=DATASET_NODE,
+        widget="caption_dropout",
+        step=0.01,
+        identity=False,
+    )
     system_prompt: Literal[SYSTEM_PROMPTS] = option(
-        "none", DATASET, "Lumina-2 only: prepend the system prompt CLIPTextEncodeLumina2 uses; pick the one "
-        "you will sample with. Z-Image: none.", node=DATASET_NODE, identity=False)
-    num_repeats: int = option(1, DATASET, "Repeats of images placed directly in the folder (N_name "
-                              "sub-folders use N).", ge=1, le=10000, node=DATASET_NODE, identity=False)
-    max_sequence_length: int = option(512, DATASET, "Text tokens kept per caption (longer captions are cut).",
-                                      ge=1, le=8192, node=DATASET_NODE, identity=False)
+        "none",
+        DATASET,
+        "Lumina-2 only: prepend the system prompt CLIPTextEncodeLumina2 uses; pick the one "
+        "you will sample with. Z-Image: none.",
+        node=DATASET_NODE,
+        identity=False,
+    )
+    num_repeats: int = option(
+        1,
+        DATASET,
+        "Repeats of images placed directly in the folder (N_name sub-folders use N).",
+        ge=1,
+        le=10000,
+        node=DATASET_NODE,
+        identity=False,
+    )
+    max_sequence_length: int = option(
+        512,
+        DATASET,
+        "Text tokens kept per caption (longer captions are cut).",
+        ge=1,
+        le=8192,
+        node=DATASET_NODE,
+        identity=False,
+    )
 
     # --- [model]: headless only (the nodes get MODEL / CLIP / VAE from the graph) ---------------
-    transformer: str = option("", MODEL, "Transformer: a diffusers folder or a .safetensors file.",
-                              identity=False, headless=True)
-    text_encoder: str = option("", MODEL, "Text encoder file (empty: the diffusers folder's).", identity=False, headless=True)
+    transformer: str = option(
+        "", MODEL, "Transformer: a diffusers folder or a .safetensors file.", identity=False, headless=True
+    )
+    text_encoder: str = option(
+        "", MODEL, "Text encoder file (empty: the diffusers folder's).", identity=False, headless=True
+    )
     vae: str = option("", MODEL, "VAE file (empty: the diffusers folder's).", identity=False, headless=True)
-    weight_dtype: Literal[WEIGHT_DTYPES] = option("default", MODEL, "Transformer weight dtype (fp8: stored in fp8, computed in the "
-                                                   "device's dtype).", identity=False, headless=True)
-    output_dir: str = option("", MODEL, "Where the LoRA is written (empty: ComfyUI's models/loras).",
-                             identity=False, headless=True)
-    output_name: str = option("lumina_turbo_lora", MODEL, "LoRA file name without extension.", identity=False, headless=True)
-    save_dtype: Literal[SAVE_DTYPES] = option("bf16", MODEL, "LoRA tensor dtype in the file.", identity=False, headless=True)
+    weight_dtype: Literal[WEIGHT_DTYPES] = option(
+        "default",
+        MODEL,
+        "Transformer weight dtype (fp8: stored in fp8, computed in the device's dtype).",
+        identity=False,
+        headless=True,
+    )
+    output_dir: str = option(
+        "", MODEL, "Where the LoRA is written (empty: ComfyUI's models/loras).", identity=False, headless=True
+    )
+    output_name: str = option(
+        "lumina_turbo_lora", MODEL, "LoRA file name without extension.", identity=False, headless=True
+    )
+    save_dtype: Literal[SAVE_DTYPES] = option(
+        "bf16", MODEL, "LoRA tensor dtype in the file.", identity=False, headless=True
+    )
 
     # --- [acrf] -----------------------------------------------------------------------------------
     anchor_convention: Literal[ANCHOR_CONVENTIONS] = option(
-        "zimage", ACRF, "How the anchors are spaced: zimage (official) or diffusers.")
+        "zimage", ACRF, "How the anchors are spaced: zimage (official) or diffusers."
+    )
     sigmoid_mean: float = option(0.0, ACRF, "Logit-normal mean (shifted_sigmoid).", ge=-10, le=10)
     sigmoid_scale: float = option(1.0, ACRF, "Logit-normal scale (shifted_sigmoid).", gt=0, le=10)
     raft_mode: bool = option(False, ACRF, "Mix free-stream (uniform shifted) sigmas into anchor batches.")
     free_stream_ratio: float = option(0.3, ACRF, "Share of free-stream samples when raft_mode.", ge=0, le=1)
     latent_jitter_scale: float = option(0.0, ACRF, "Noise added to x_sigma, target unchanged.", ge=0, le=1)
     use_dynamic_shift: bool = option(False, ACRF, "Must be false: Z-Image-Turbo samples with a static shift.")
-    curvature_interval: int = option(1, (ACRF, TRAINING), "Apply the curvature penalty every N micro-steps.",
-                                     ge=1, le=1_000_000)
-    curvature_step: float = option(0.0, (ACRF, TRAINING), "Finite-difference step in sigma (0 = mean anchor "
-                                   "spacing).", ge=0, le=0.2495)
-    curvature_start_step: int = option(0, (ACRF, TRAINING), "First optimizer step with the curvature penalty.",
-                                       ge=0, le=1_000_000)
+    curvature_interval: int = option(
+        1, (ACRF, TRAINING), "Apply the curvature penalty every N micro-steps.", ge=1, le=1_000_000
+    )
+    curvature_step: float = option(
+        0.0, (ACRF, TRAINING), "Finite-difference step in sigma (0 = mean anchor spacing).", ge=0, le=0.2495
+    )
+    curvature_start_step: int = option(
+        0, (ACRF, TRAINING), "First optimizer step with the curvature penalty.", ge=0, le=1_000_000
+    )
     replay_capacity: int = option(64, (ACRF, TRAINING), "Replay buffer size.", ge=1, le=100_000)
-    replay_min_entries: int = option(8, (ACRF, TRAINING), "No replay before the buffer holds this many "
-                                     "(at most replay_capacity).", ge=1, le=100_000)
+    replay_min_entries: int = option(
+        8,
+        (ACRF, TRAINING),
+        "No replay before the buffer holds this many (at most replay_capacity).",
+        ge=1,
+        le=100_000,
+    )
 
     # --- [lora] -----------------------------------------------------------------------------------
     train_attention: bool = option(True, LORA, "LoRA on attention qkv and out of the main layers.")
@@ -190,28 +368,51 @@ class TrainConfig(BaseModel):
     weight_decay: float = option(0.01, TRAINING, "Decoupled weight decay.", ge=0, le=1)
     lr_num_cycles: int = option(1, TRAINING, "Cycles of cosine_with_restarts.", ge=1, le=10_000)
     style_basis: Literal[STYLE_BASES] = option(
-        "latent_rgb", (TRAINING, LOSS), "Luminance/colour basis of the style terms: latent_rgb or channels.")
+        "latent_rgb", (TRAINING, LOSS), "Luminance/colour basis of the style terms: latent_rgb or channels."
+    )
     snr_form: Literal[MIN_SNR_FORMS] = option(
-        "rectified_flow_velocity", TRAINING, "Min-SNR weight form (vp_v_prediction reproduces AC-RF).")
+        "rectified_flow_velocity", TRAINING, "Min-SNR weight form (vp_v_prediction reproduces AC-RF)."
+    )
     snr_floor: float = option(0.1, TRAINING, "Lower bound of the Min-SNR weight.", ge=0, le=1)
-    num_train_epochs: int = option(0, TRAINING, "Epochs (0 = use max_train_steps).", ge=0, le=1_000_000,
-                                   identity=False, headless=True)
-    checkpoint_dir: str = option("", TRAINING, "Checkpoint folder (empty: ComfyUI output/"
-                                 "lumina_turbo_training/<name>).", identity=False, headless=True)
+    num_train_epochs: int = option(
+        0, TRAINING, "Epochs (0 = use max_train_steps).", ge=0, le=1_000_000, identity=False, headless=True
+    )
+    checkpoint_dir: str = option(
+        "",
+        TRAINING,
+        "Checkpoint folder (empty: ComfyUI output/lumina_turbo_training/<name>).",
+        identity=False,
+        headless=True,
+    )
 
     # --- [advanced] -------------------------------------------------------------------------------
     max_grad_norm: float = option(1.0, (ADVANCED, TRAINING), "Gradient clipping (0 = off).", ge=0, le=1e6)
 
     # --- [dataset]: headless only -------------------------------------------------------------------
-    folder: str = option("", DATASET, "Image folder with same-name caption files.", identity=False, headless=True)
-    latents: str = option("", DATASET, "Instead of folder: a safetensors file of latents [N, C, h, w] (raw VAE "
-                          "space, e.g. ComfyUI's .latent) with a same-name caption file, one caption per line "
-                          "or one for all.", identity=False, headless=True)
+    folder: str = option(
+        "", DATASET, "Image folder with same-name caption files.", identity=False, headless=True
+    )
+    latents: str = option(
+        "",
+        DATASET,
+        "Instead of folder: a safetensors file of latents [N, C, h, w] (raw VAE "
+        "space, e.g. ComfyUI's .latent) with a same-name caption file, one caption per line "
+        "or one for all.",
+        identity=False,
+        headless=True,
+    )
     shuffle: bool = option(True, DATASET, "Shuffle batches every epoch.")
-    max_aspect_ratio: float = option(4.0, DATASET, "Widest bucket aspect ratio.", ge=1, le=16, identity=False, headless=True)
+    max_aspect_ratio: float = option(
+        4.0, DATASET, "Widest bucket aspect ratio.", ge=1, le=16, identity=False, headless=True
+    )
     caption_extension: str = option(".txt", DATASET, "Caption file extension.", identity=False, headless=True)
-    cache_dir: str = option("", DATASET, "Latent/text cache folder (empty: ComfyUI output/lumina_turbo_cache).",
-                            identity=False, headless=True)
+    cache_dir: str = option(
+        "",
+        DATASET,
+        "Latent/text cache folder (empty: ComfyUI output/lumina_turbo_cache).",
+        identity=False,
+        headless=True,
+    )
 
     # Not options of their own: [[dataset.sources]] tables and the loss-mode parameters (losses.LOSS_MODES).
     sources: list[dict] = Field(default_factory=list, json_schema_extra={"identity": False})
@@ -238,7 +439,9 @@ def extra(name: str) -> dict:
 
 def choices(name: str) -> tuple | None:
     annotation = fields()[name].annotation
-    return getattr(annotation, "__args__", None) if getattr(annotation, "__origin__", None) is Literal else None
+    return (
+        getattr(annotation, "__args__", None) if getattr(annotation, "__origin__", None) is Literal else None
+    )
 
 
 def bounds(name: str) -> tuple[float | None, float | None, bool]:
@@ -290,9 +493,7 @@ def widget_name(name: str) -> str:
 def advanced_box_options() -> list[str]:
     """What the trainer node's 'advanced' box may set: every option not shown on a node, not headless."""
     return [
-        name
-        for name in toml_options()
-        if extra(name).get("node") is None and not extra(name).get("headless")
+        name for name in toml_options() if extra(name).get("node") is None and not extra(name).get("headless")
     ]
 
 

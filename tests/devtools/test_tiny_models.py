@@ -15,7 +15,9 @@ FAMILIES = tiny_factory.FAMILIES
 @pytest.mark.parametrize("family", FAMILIES)
 def test_diffusers_folder_layout(tiny_models, family):
     folder = tiny_models / tiny_factory.file_names(family)["diffusers"]
-    index = json.loads((folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    index = json.loads(
+        (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text()
+    )
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 2
     assert not (folder / "transformer" / "diffusion_pytorch_model.safetensors").exists()
@@ -31,9 +33,17 @@ def test_diffusers_folder_reloads_and_samples(tiny_models, family):
     from diffusers import Lumina2Pipeline, ZImagePipeline
 
     cls = {"lumina2": Lumina2Pipeline, "zimage": ZImagePipeline}[family]
-    pipe = cls.from_pretrained(tiny_models / tiny_factory.file_names(family)["diffusers"], torch_dtype=torch.float32)
-    kwargs = dict(prompt="a red cat", height=64, width=64, num_inference_steps=2, guidance_scale=3.0,
-                  output_type="latent")
+    pipe = cls.from_pretrained(
+        tiny_models / tiny_factory.file_names(family)["diffusers"], torch_dtype=torch.float32
+    )
+    kwargs = dict(
+        prompt="a red cat",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        output_type="latent",
+    )
     kwargs["max_sequence_length"] = 32
     runs = [pipe(generator=torch.Generator().manual_seed(7), **kwargs).images for _ in range(2)]
     assert torch.isfinite(runs[0]).all()

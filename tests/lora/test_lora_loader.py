@@ -110,8 +110,11 @@ def test_bad_files_are_refused_by_name(comfy_host, lora_dir, name, message):
 def test_rank_mismatch_is_refused_naming_the_key(comfy_host, lora_dir):
     prompt, _ = lora_prompt(f"{PREFIX}rank.safetensors", branches=("ours",))
     stem = lora_dir[2][: -len(".lora_B.weight")]
-    with pytest.raises(PromptFailed, match=r"tiny-random-test-lora-rank\.safetensors: expected LoRA up/down "
-                       rf"weights of the same rank .*{stem.replace('.', chr(92) + '.')}"):
+    with pytest.raises(
+        PromptFailed,
+        match=r"tiny-random-test-lora-rank\.safetensors: expected LoRA up/down "
+        rf"weights of the same rank .*{stem.replace('.', chr(92) + '.')}",
+    ):
         comfy_host.run(prompt)
 
 
@@ -123,7 +126,9 @@ def test_unmapped_keys_are_reported_not_ignored(comfy_host, lora_dir, caplog):
     report = outputs[ours.id]["text"][0]
     assert "unmapped keys (NOT applied): 4; first: transformer.layers.0.attn.to_gate.lora_A.weight" in report
     assert "transformer.layers.1.unknown_proj.lora_B.weight" in report
-    assert any("4 key(s) not applied" in r.getMessage() and "to_gate" in r.getMessage() for r in caplog.records)
+    assert any(
+        "4 key(s) not applied" in r.getMessage() and "to_gate" in r.getMessage() for r in caplog.records
+    )
     lat = comfy_host.latents(outputs)
     assert (lat["ours"] - lat["plain"]).abs().max() > 1e-3  # the mappable keys were applied
 
@@ -174,7 +179,9 @@ def _tiny_lumina2():
     from lumina_turbo.devtools.harness import MODELS_DIR
     from lumina_turbo.loading import model_files
 
-    return model_files.load_transformer_file(MODELS_DIR / "diffusion_models" / "tiny-random-lumina2.safetensors")
+    return model_files.load_transformer_file(
+        MODELS_DIR / "diffusion_models" / "tiny-random-lumina2.safetensors"
+    )
 
 
 def test_text_encoder_keys_patch_the_clip(lora_dir, tmp_path):

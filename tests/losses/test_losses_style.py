@@ -15,7 +15,9 @@ def test_ssim_is_the_papers_formula_with_a_gaussian_window(data_range):
     # 11 x 11 images: one valid window position, so the Gaussian-weighted moments are computed directly
     generator = torch.Generator().manual_seed(0)
     pred = torch.rand(3, 2, 11, 11, generator=generator, dtype=torch.float64) * data_range
-    target = 0.6 * pred + 0.4 * data_range * torch.rand(3, 2, 11, 11, generator=generator, dtype=torch.float64)
+    target = 0.6 * pred + 0.4 * data_range * torch.rand(
+        3, 2, 11, 11, generator=generator, dtype=torch.float64
+    )
     taps = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
     weights = torch.outer(taps, taps) / taps.sum() ** 2
 

@@ -122,9 +122,7 @@ def test_shifted_sigmoid_follows_the_logit_normal_then_shift():
 
 
 def test_rational_shift_values():
-    torch.testing.assert_close(
-        time_shift(torch.tensor([0.0, 0.5, 1.0]), 3.0), torch.tensor([0.0, 0.75, 1.0])
-    )
+    torch.testing.assert_close(time_shift(torch.tensor([0.0, 0.5, 1.0]), 3.0), torch.tensor([0.0, 0.75, 1.0]))
 
 
 def test_bad_arguments():

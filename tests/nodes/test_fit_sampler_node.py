@@ -20,9 +20,15 @@ def one_thread():
 def fit_and_sample(steps=3, solver="multistep", fit="bespoke", iterations=4, samples=8, guider="CFGGuider"):
     g = graph()
     loader = g.node(
-        "LTModelLoader", model="tiny-random-lumina2", text_encoder=FROM_FOLDER, vae=FROM_FOLDER, weight_dtype="default"
+        "LTModelLoader",
+        model="tiny-random-lumina2",
+        text_encoder=FROM_FOLDER,
+        vae=FROM_FOLDER,
+        weight_dtype="default",
     )
-    pos = g.node("CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="a red cat", clip=loader.out(1))
+    pos = g.node(
+        "CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="a red cat", clip=loader.out(1)
+    )
     neg = g.node("CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="blurry", clip=loader.out(1))
     guide = g.node(guider, model=loader.out(0), positive=pos.out(0), negative=neg.out(0), cfg=3.0)
     latent = g.node("EmptySD3LatentImage", width=64, height=64, batch_size=1)

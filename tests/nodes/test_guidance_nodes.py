@@ -43,7 +43,9 @@ def text_to_latent(family, path, cfg=4.0, options=None, steps=4, batch=1, negati
     latent = empty_latent(g, 64, 64, batch)
     if path == "patch":
         patched = g.node("LTCFGPatch", model=loader.out(0), **options)
-        sampled = ksampler(g, patched.out(0), pos.out(0), neg.out(0), latent.out(0), seed=3, steps=steps, cfg=cfg)
+        sampled = ksampler(
+            g, patched.out(0), pos.out(0), neg.out(0), latent.out(0), seed=3, steps=steps, cfg=cfg
+        )
     else:
         if path == "guider":
             extra = {"negative": neg.out(0)} if negative else {}
@@ -104,7 +106,8 @@ def test_guider_and_patch_agree_through_executor(comfy_host, family, cfg, cfg_fo
     patched = run_latent(comfy_host, text_to_latent(family, "patch", cfg, options))
     assert guided.shape == (1, 16, 8, 8) and torch.isfinite(guided).all()
     assert (guided - patched).abs().max() < 1e-5 * guided.abs().max()
-    untruncated = run_latent(comfy_host, text_to_latent(family, "guider", cfg, {**options, "trunc_mode": "off"})
+    untruncated = run_latent(
+        comfy_host, text_to_latent(family, "guider", cfg, {**options, "trunc_mode": "off"})
     )
     assert (guided - untruncated).abs().max() > 1e-2
 
@@ -123,7 +126,8 @@ def test_patch_batch2_through_executor(comfy_host):
 
 
 def test_no_negative_at_cfg_1(comfy_host):
-    latents = run_latent(comfy_host, text_to_latent("zimage", "guider", 1.0, {"trunc_mode": "off"}, negative=False)
+    latents = run_latent(
+        comfy_host, text_to_latent("zimage", "guider", 1.0, {"trunc_mode": "off"}, negative=False)
     )
     assert torch.isfinite(latents).all()
 

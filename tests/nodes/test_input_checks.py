@@ -155,7 +155,9 @@ def test_dataset_images_linked_from_outside_are_refused(no_opt_in, tmp_path):
         write_image(folder, "own", solid_image((0, 1, 0)), "mine")
         (folder / "borrowed.png").symlink_to(secret)
         (folder / "borrowed.txt").write_text("caption")
-        with pytest.raises(paths.PathRefused, match=r"^folder: 1 file\(s\) in the folder link outside") as info:
+        with pytest.raises(
+            paths.PathRefused, match=r"^folder: 1 file\(s\) in the folder link outside"
+        ) as info:
             _scan(folder.name)
         assert "secret_picture" not in str(info.value)
     finally:

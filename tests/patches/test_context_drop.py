@@ -30,7 +30,9 @@ def models(tiny_models):
     from lumina_turbo.loading import model_files
 
     return {
-        f: model_files.load_transformer_file(tiny_models / "diffusion_models" / f"tiny-random-{f}.safetensors")
+        f: model_files.load_transformer_file(
+            tiny_models / "diffusion_models" / f"tiny-random-{f}.safetensors"
+        )
         for f in FAMILIES
     }
 
@@ -98,7 +100,9 @@ def test_pool_grid_matches_loops(grid, r):
     torch.testing.assert_close(context_drop.pool_grid(strided, grid, r), reference_pool(tokens, grid, r))
     half = context_drop.pool_grid(tokens.bfloat16(), grid, r)
     assert half.dtype == torch.bfloat16
-    torch.testing.assert_close(half.float(), reference_pool(tokens.bfloat16().float(), grid, r), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        half.float(), reference_pool(tokens.bfloat16().float(), grid, r), atol=1e-2, rtol=1e-2
+    )
 
 
 def sdpa(q, k, v, heads, mask=None, skip_reshape=True, **_):
@@ -228,7 +232,9 @@ SCHEDULES = [("lumina2", 20), ("lumina2", 30), ("lumina2", 50), ("zimage", 8)]  
 
 def dropping(sigma, layers, **settings):
     s = ContextDropSettings(**settings)
-    return context_drop.dropping_layers(context_drop.drop_strength(float(sigma), s.start_sigma, s.end_sigma), layers)
+    return context_drop.dropping_layers(
+        context_drop.drop_strength(float(sigma), s.start_sigma, s.end_sigma), layers
+    )
 
 
 @pytest.mark.parametrize("family, steps", SCHEDULES)
@@ -326,7 +332,9 @@ def drop_prompt(
             ).out(0)
         # denoise 0.04 with 1 step: one model call at sigma ~0.2 (shift 6) / ~0.11 (shift 3)
         steps = 2 if denoise == 1.0 else 1
-        sampled = ksampler(g, model, pos.out(0), pos.out(0), latent.out(0), seed=3, steps=steps, denoise=denoise)
+        sampled = ksampler(
+            g, model, pos.out(0), pos.out(0), latent.out(0), seed=3, steps=steps, denoise=denoise
+        )
         save_latent(g, sampled.out(0), f"{name}_cd_{family}")
     return g.finalize()
 

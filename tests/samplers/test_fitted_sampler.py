@@ -22,7 +22,9 @@ ITERATIONS = 60  # enough to move clearly away from the start; the benchmark run
 def flow():
     torch.set_num_threads(1)
     mixture = make_mixture(dim=4, components=4, std_range=(0.05, 0.3), seed=5)
-    calibration = torch.randn(512, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    calibration = torch.randn(
+        512, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
     held_out = torch.randn(256, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     return {
         "mixture": mixture,
@@ -58,14 +60,19 @@ def _held_out_error(flow, sigmas, solver, corrections=None):
     return float(relative_error(x, flow["held_out_reference"]).mean())
 
 
-@pytest.mark.parametrize(("solver", "fit", "steps"), [("multistep", "bespoke", 6), ("euler", "steps", 5), ("midpoint", "bespoke", 3)])
+@pytest.mark.parametrize(
+    ("solver", "fit", "steps"),
+    [("multistep", "bespoke", 6), ("euler", "steps", 5), ("midpoint", "bespoke", 3)],
+)
 def test_fit_lowers_calibration_and_held_out_error(flow, solver, fit, steps):
     fitted = _fit(flow, steps, solver, fit)
     report = fitted.report
     assert report["best_iteration"] > 0
     assert report["calibration_error"] < 0.8 * report["start_calibration_error"]
     start = _held_out_error(flow, _start(steps), solver)
-    held_out = float(relative_error(fitted.sample(flow["denoise"], flow["held_out"]), flow["held_out_reference"]).mean())
+    held_out = float(
+        relative_error(fitted.sample(flow["denoise"], flow["held_out"]), flow["held_out_reference"]).mean()
+    )
     assert held_out < 0.8 * start
     assert held_out < 1.5 * report["calibration_error"]  # no visible overfitting
 
@@ -87,7 +94,9 @@ def test_steps_fit_keeps_the_base_solver(flow):
     assert torch.equal(fitted.corrections, torch.zeros(4, 3, dtype=torch.float64))
 
 
-@pytest.mark.parametrize(("solver", "steps", "calls"), [("euler", 4, 4), ("multistep", 7, 7), ("midpoint", 5, 10)])
+@pytest.mark.parametrize(
+    ("solver", "steps", "calls"), [("euler", 4, 4), ("multistep", 7, 7), ("midpoint", 5, 10)]
+)
 def test_sampling_costs_exactly_the_budget(flow, solver, steps, calls):
     fitted = _fit(flow, steps, solver, "bespoke", iterations=3)
     counter = {"calls": 0}
@@ -119,7 +128,9 @@ def test_base_solvers_converge_at_their_order(solver, order):
 def test_json_round_trip(flow):
     fitted = _fit(flow, 4, "midpoint", "bespoke", iterations=5)
     restored = FittedSampler.from_json(fitted.to_json())
-    assert torch.equal(restored.sigmas, fitted.sigmas) and torch.equal(restored.corrections, fitted.corrections)
+    assert torch.equal(restored.sigmas, fitted.sigmas) and torch.equal(
+        restored.corrections, fitted.corrections
+    )
     assert (restored.solver, restored.fit, restored.model_calls) == ("midpoint", "bespoke", 8)
     assert len(fitted.to_json()) < 4000
     x = flow["held_out"][:16]
@@ -175,7 +186,9 @@ def test_k_diffusion_sampler_refuses_foreign_sigmas_only_for_bespoke(flow):
 
     x = flow["held_out"][:8]
     bespoke = _fit(flow, 4, "multistep", "bespoke", iterations=3)
-    assert torch.equal(sample_fitted(model, x, bespoke.sigmas, fitted=bespoke.to_dict()), bespoke.sample(flow["denoise"], x))
+    assert torch.equal(
+        sample_fitted(model, x, bespoke.sigmas, fitted=bespoke.to_dict()), bespoke.sample(flow["denoise"], x)
+    )
     other = torch.linspace(1.0, 0.0, 5, dtype=torch.float64)
     with pytest.raises(ValueError, match="sigmas: this bespoke sampler was fitted for its own 4-step sigmas"):
         sample_fitted(model, x, other, fitted=bespoke.to_dict())

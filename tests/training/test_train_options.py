@@ -103,7 +103,9 @@ def test_node_inputs_follow_the_definitions(comfy_host):
         field = options.fields()[name]
         assert spec["default"] == field.default and spec["tooltip"] == field.description, name
         if options.choices(name):
-            assert tuple(kind) == options.choices(name) or tuple(spec.get("options", ())) == options.choices(name)
+            assert tuple(kind) == options.choices(name) or tuple(spec.get("options", ())) == options.choices(
+                name
+            )
         elif field.annotation in (int, float):
             assert (spec["min"], spec["max"]) == options.bounds(name)[:2], name
     names = list(trainer)
