@@ -34,6 +34,7 @@ from ..samplers.fitted_sampler import (
     fit_sampler,
     sample_fitted,
 )
+from .input_checks import checked_execution, checked_validation
 from .sigma_plot import sigma_plot
 
 log = logging.getLogger("lumina_turbo")
@@ -277,6 +278,7 @@ class LTFitSampler(io.ComfyNode):
         )
 
     @classmethod
+    @checked_validation
     def validate_inputs(cls, steps, solver, fit, calibration_samples, iterations, batch_size, seed):
         values = dict(
             steps=steps,
@@ -298,6 +300,7 @@ class LTFitSampler(io.ComfyNode):
         return True
 
     @classmethod
+    @checked_execution
     def execute(
         cls, guider, latent, steps, solver, fit, calibration_samples, iterations, batch_size, seed
     ) -> io.NodeOutput:
