@@ -149,22 +149,9 @@ def build_dataset(
     """
     rank, world = share
     feature_cache = cache.FeatureCache(cache_root, cache.vae_fingerprint(vae), cache.clip_fingerprint(clip))
-    stats = {
-        "images": len(records),
-        "latents_encoded": 0,
-        "latents_cached": 0,
-        "texts_encoded": 0,
-        "texts_cached": 0,
-    }
-    prompts = [prompt_text(r.caption, system_prompt) for r in records] + [prompt_text("", system_prompt)]
-    unique_prompts = list(dict.fromkeys(prompts))
-    total, done = len(records) + len(unique_prompts), 0
-
-    def step():
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total)
+    stats = new_stats(len(records))
+    unique_prompts = dataset_prompts([r.caption for r in records], system_prompt)
+    step = progress_counter(len(records) + len(unique_prompts), progress)
 
     items = []
     for position, record in enumerate(records):
@@ -192,7 +179,51 @@ def build_dataset(
             )
         )
         step()
-    for position, prompt in enumerate(unique_prompts):
+    encode_prompts(feature_cache, clip, unique_prompts, stats, step, share)
+    description = {
+        "vae": feature_cache.vae_fp,
+        "resolution": resolution,
+        "bucket_step": bucket_step,
+        "enable_bucket": enable_bucket,
+        "max_aspect_ratio": max_aspect_ratio,
+    }
+    return finish_dataset(
+        feature_cache, items, stats, description, caption_dropout_rate, max_sequence_length, system_prompt
+    )
+
+
+def new_stats(images: int) -> dict:
+    return {
+        "images": images,
+        "latents_encoded": 0,
+        "latents_cached": 0,
+        "texts_encoded": 0,
+        "texts_cached": 0,
+    }
+
+
+def dataset_prompts(captions, system_prompt: str) -> list[str]:
+    """The distinct text-encoder prompts of a data set: every caption and the empty one (caption dropout)."""
+    prompts = [prompt_text(c, system_prompt) for c in captions] + [prompt_text("", system_prompt)]
+    return list(dict.fromkeys(prompts))
+
+
+def progress_counter(total: int, progress: Callable[[int, int], None] | None) -> Callable[[], None]:
+    done = 0
+
+    def step():
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    return step
+
+
+def encode_prompts(feature_cache, clip, prompts, stats: dict, step, share: tuple[int, int] = (0, 1)) -> None:
+    """Encode the prompts the cache lacks (this process's share of them)."""
+    rank, world = share
+    for position, prompt in enumerate(prompts):
         text_file = feature_cache.text_path(prompt)
         if feature_cache.readable(text_file):
             stats["texts_cached"] += 1
@@ -200,13 +231,15 @@ def build_dataset(
             cache.atomic_save_safetensors(cache.encode_prompt(clip, prompt), text_file)
             stats["texts_encoded"] += 1
         step()
+
+
+def finish_dataset(
+    feature_cache, items, stats, description: dict, caption_dropout_rate, max_sequence_length, system_prompt
+) -> CachedDataset:
+    """The CachedDataset, keyed by everything that shapes it (``description`` + the shared settings)."""
     description = {
-        "vae": feature_cache.vae_fp,
+        **description,
         "text_encoder": feature_cache.clip_fp,
-        "resolution": resolution,
-        "bucket_step": bucket_step,
-        "enable_bucket": enable_bucket,
-        "max_aspect_ratio": max_aspect_ratio,
         "caption_dropout_rate": caption_dropout_rate,
         "max_sequence_length": max_sequence_length,
         "system_prompt": system_prompt,

@@ -10,7 +10,6 @@ sizes (as pixels, ``downscale`` pixels per latent cell): batches never mix sizes
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,16 @@ import torch
 
 from . import cache
 from .data_files import DatasetError
-from .dataset import CachedDataset, DatasetItem, prompt_text
+from .dataset import (
+    CachedDataset,
+    DatasetItem,
+    dataset_prompts,
+    encode_prompts,
+    finish_dataset,
+    new_stats,
+    progress_counter,
+    prompt_text,
+)
 
 LATENT_SOURCE = "latent-input"  # the cache's stand-in for a VAE fingerprint: no VAE encoded these
 DOWNSCALE = 8  # pixels per latent cell of the Flux-type VAE both families use
@@ -129,22 +137,9 @@ def build_from_latents(
     if len(channels) > 1:
         raise DatasetError(f"latents: mixed channel counts {sorted(channels)}; one model's VAE makes one")
     feature_cache = cache.FeatureCache(cache_root, LATENT_SOURCE, cache.clip_fingerprint(clip))
-    stats = {
-        "images": len(data),
-        "latents_encoded": 0,
-        "latents_cached": 0,
-        "texts_encoded": 0,
-        "texts_cached": 0,
-    }
-    prompts = [prompt_text(c, system_prompt) for c in data.captions] + [prompt_text("", system_prompt)]
-    unique_prompts = list(dict.fromkeys(prompts))
-    total, done = len(data) + len(unique_prompts), 0
-
-    def step():
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total)
+    stats = new_stats(len(data))
+    unique_prompts = dataset_prompts(data.captions, system_prompt)
+    step = progress_counter(len(data) + len(unique_prompts), progress)
 
     items = []
     for index, (latent, caption) in enumerate(zip(data.latents, data.captions, strict=True)):
@@ -160,27 +155,10 @@ def build_from_latents(
             DatasetItem(f"latent {index}", caption, data.num_repeats, size, str(latent_file), str(text_file))
         )
         step()
-    for prompt in unique_prompts:
-        text_file = feature_cache.text_path(prompt)
-        if feature_cache.readable(text_file):
-            stats["texts_cached"] += 1
-        else:
-            cache.atomic_save_safetensors(cache.encode_prompt(clip, prompt), text_file)
-            stats["texts_encoded"] += 1
-        step()
-    description = {
-        "source": LATENT_SOURCE,
-        "text_encoder": feature_cache.clip_fp,
-        "downscale": downscale,
-        "caption_dropout_rate": caption_dropout_rate,
-        "max_sequence_length": max_sequence_length,
-        "system_prompt": system_prompt,
-        "items": [(Path(i.latent_file).name, Path(i.text_file).name, i.repeats) for i in items],
-    }
-    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
-    empty = str(feature_cache.text_path(prompt_text("", system_prompt)))
-    return CachedDataset(
-        items, empty, float(caption_dropout_rate), int(max_sequence_length), key, stats, description
+    encode_prompts(feature_cache, clip, unique_prompts, stats, step)
+    description = {"source": LATENT_SOURCE, "downscale": downscale}
+    return finish_dataset(
+        feature_cache, items, stats, description, caption_dropout_rate, max_sequence_length, system_prompt
     )
 
 
