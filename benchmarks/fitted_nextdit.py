@@ -19,26 +19,18 @@ from pathlib import Path
 
 import torch
 
+from lumina_turbo.devtools.prompts import encode, tiny_loader
+
 BUDGETS = (8,)
 HELD_OUT = 8
 CALIBRATION = 16
 ITERATIONS = 100
-FROM_FOLDER = "(from the diffusers folder)"
 CALLS_PER_STEP = {"heun": 2, "heunpp2": 3, "dpm_2": 2}  # the others: one call per step
 
 
 def _base(g):
-    loader = g.node(
-        "LTModelLoader",
-        model="tiny-random-lumina2",
-        text_encoder=FROM_FOLDER,
-        vae=FROM_FOLDER,
-        weight_dtype="default",
-    )
-    pos = g.node(
-        "CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="a red cat", clip=loader.out(1)
-    )
-    neg = g.node("CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="blurry", clip=loader.out(1))
+    loader = tiny_loader(g, "lumina2")
+    pos, neg = encode(g, "lumina2", loader.out(1), "a red cat"), encode(g, "lumina2", loader.out(1), "blurry")
     guider = g.node("CFGGuider", model=loader.out(0), positive=pos.out(0), negative=neg.out(0), cfg=3.0)
     latent = g.node("EmptySD3LatentImage", width=64, height=64, batch_size=HELD_OUT)
     return loader, guider, latent

@@ -4,32 +4,14 @@ import pytest
 import torch
 
 from lumina_turbo.devtools.harness import PromptFailed, graph
-
-FROM_FOLDER = "(from the diffusers folder)"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: a second OpenMP thread only adds spin-waiting on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from lumina_turbo.devtools.prompts import encode, tiny_loader
+from lumina_turbo.devtools.training_support import one_thread  # noqa: F401 (autouse: one torch thread)
 
 
 def fit_and_sample(steps=3, solver="multistep", fit="bespoke", iterations=4, samples=8, guider="CFGGuider"):
     g = graph()
-    loader = g.node(
-        "LTModelLoader",
-        model="tiny-random-lumina2",
-        text_encoder=FROM_FOLDER,
-        vae=FROM_FOLDER,
-        weight_dtype="default",
-    )
-    pos = g.node(
-        "CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="a red cat", clip=loader.out(1)
-    )
-    neg = g.node("CLIPTextEncodeLumina2", system_prompt="superior", user_prompt="blurry", clip=loader.out(1))
+    loader = tiny_loader(g, "lumina2")
+    pos, neg = encode(g, "lumina2", loader.out(1), "a red cat"), encode(g, "lumina2", loader.out(1), "blurry")
     guide = g.node(guider, model=loader.out(0), positive=pos.out(0), negative=neg.out(0), cfg=3.0)
     latent = g.node("EmptySD3LatentImage", width=64, height=64, batch_size=1)
     fitted = g.node(
