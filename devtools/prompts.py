@@ -45,3 +45,18 @@ def save_latent(g, samples, prefix: str):
 def decode_and_save(g, samples, vae, prefix: str):
     image = g.node("VAEDecode", samples=samples, vae=vae)
     return g.node("SaveImage", images=image.out(0), filename_prefix=prefix)
+
+
+def trainer_inputs(**changes) -> dict:
+    """Every LTLoraTrainer widget: the option defaults, a short fp32 run for the tiny models, then ``changes``."""
+    from ..training import options
+
+    inputs = {
+        options.widget_name(n): options.fields()[n].default for n in options.node_options(options.TRAINER)
+    }
+    inputs.update(
+        steps=3, learning_rate=5e-3, rank=4, alpha=4.0, batch_size=2, seed=1, turbo_steps=8,
+        mixed_precision="fp32", gradient_checkpointing=False, checkpoint_every=2, resume=True, advanced="",
+    )  # fmt: skip
+    inputs.update(changes)
+    return inputs

@@ -12,6 +12,7 @@ import torch
 
 from lumina_turbo.devtools.example_dataset import CONCEPT_CAPTION, write_concept_dataset
 from lumina_turbo.devtools.harness import PromptFailed, graph
+from lumina_turbo.devtools.prompts import trainer_inputs
 from lumina_turbo.devtools.training_support import build, one_thread, small_config, tiny_family  # noqa: F401
 from lumina_turbo.training.data_files import DatasetError
 from lumina_turbo.training.engine import LoraTrainer
@@ -105,35 +106,6 @@ def test_cli_trains_on_a_latents_file(tiny_models, tmp_path, capsys):
     assert (tmp_path / "out" / "from_latents.safetensors").is_file()
 
 
-TRAINER_INPUTS = dict(
-    steps=2,
-    learning_rate=1e-3,
-    rank=4,
-    alpha=4.0,
-    batch_size=2,
-    gradient_accumulation=1,
-    seed=1,
-    timestep_method="anchor",
-    turbo_steps=8,
-    shift=3.0,
-    jitter_scale=0.02,
-    loss_mode="standard",
-    snr_gamma=5.0,
-    replay_ratio=0.0,
-    curvature_weight=0.0,
-    train_refiners=False,
-    train_adaln=False,
-    optimizer="AdamW",
-    lr_scheduler="constant",
-    warmup_steps=0,
-    mixed_precision="fp32",
-    gradient_checkpointing=False,
-    blocks_to_swap=0,
-    checkpoint_every=0,
-    resume=False,
-)
-
-
 def test_vae_encode_to_dataset_to_trainer(comfy_host, tmp_path):
     import folder_paths
 
@@ -165,7 +137,7 @@ def test_vae_encode_to_dataset_to_trainer(comfy_host, tmp_path):
         model=load.out(0),
         dataset=dataset.out(0),
         run_name=run_name,
-        **TRAINER_INPUTS,
+        **trainer_inputs(steps=2, learning_rate=1e-3, checkpoint_every=0, resume=False),
     )
     prefix = f"lt_test_{uuid.uuid4().hex[:8]}"
     g.node(

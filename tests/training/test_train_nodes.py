@@ -15,7 +15,7 @@ from PIL import Image
 
 from lumina_turbo.devtools.example_dataset import solid_image, write_concept_dataset, write_image
 from lumina_turbo.devtools.harness import REPO, graph
-from lumina_turbo.devtools.prompts import decode_and_save, empty_latent, ksampler, tiny_loader
+from lumina_turbo.devtools.prompts import decode_and_save, empty_latent, ksampler, tiny_loader, trainer_inputs
 from lumina_turbo.devtools.training_support import one_thread  # noqa: F401 (autouse: one torch thread)
 
 
@@ -27,39 +27,6 @@ def sample_and_save(g, model, clip, vae, prefix):
     pos = g.node("CLIPTextEncode", text="a photo of ltconcept", clip=clip)  # the captions' own encoding
     sampled = ksampler(g, model, pos.out(0), pos.out(0), empty_latent(g, 64, 64).out(0), seed=3)
     decode_and_save(g, sampled.out(0), vae, prefix)
-
-
-def trainer_inputs(**changes):
-    inputs = dict(
-        steps=3,
-        learning_rate=5e-3,
-        rank=4,
-        alpha=4.0,
-        batch_size=2,
-        gradient_accumulation=1,
-        seed=1,
-        timestep_method="anchor",
-        turbo_steps=8,
-        shift=3.0,
-        jitter_scale=0.02,
-        loss_mode="standard",
-        snr_gamma=5.0,
-        replay_ratio=0.0,
-        curvature_weight=0.0,
-        train_refiners=False,
-        train_adaln=False,
-        optimizer="AdamW",
-        lr_scheduler="constant",
-        warmup_steps=0,
-        mixed_precision="fp32",
-        gradient_checkpointing=False,
-        blocks_to_swap=0,
-        checkpoint_every=2,
-        resume=True,
-        advanced="",
-    )
-    inputs.update(changes)
-    return inputs
 
 
 def training_prompt(folder, run_name, lora_prefix):
