@@ -21,6 +21,7 @@ import torch
 
 from lumina_turbo.devtools.example_dataset import write_concept_dataset
 from lumina_turbo.devtools.harness import graph
+from lumina_turbo.devtools.prompts import trainer_inputs
 from lumina_turbo.devtools.training_support import build, one_thread, small_config, tiny_family  # noqa: F401
 from lumina_turbo.training import engine
 
@@ -107,11 +108,8 @@ def training_prompt(model_node, folder, run_name, lora_prefix, steps=16):
     )  # fmt: skip
     trainer = g.node(
         "LTLoraTrainer", model=model_node(g), dataset=dataset.out(0), run_name=run_name,
-        steps=steps, learning_rate=3e-3, rank=8, alpha=8.0, batch_size=2, gradient_accumulation=1, seed=0,
-        timestep_method="anchor", turbo_steps=8, shift=3.0, jitter_scale=0.0, loss_mode="standard",
-        snr_gamma=5.0, replay_ratio=0.0, curvature_weight=0.0, train_refiners=False, train_adaln=False,
-        optimizer="AdamW", lr_scheduler="constant", warmup_steps=0, mixed_precision="fp32",
-        gradient_checkpointing=True, blocks_to_swap=1, checkpoint_every=0, resume=False, advanced="",
+        **trainer_inputs(steps=steps, learning_rate=3e-3, rank=8, alpha=8.0, seed=0, jitter_scale=0.0,
+                         gradient_checkpointing=True, blocks_to_swap=1, checkpoint_every=0, resume=False),
     )  # fmt: skip
     g.node("LTSaveLora", lora=trainer.out(1), filename_prefix=f"{lora_prefix}/{run_name}", save_dtype="fp32",
            format="comfyui")  # fmt: skip
