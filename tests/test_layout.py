@@ -100,6 +100,6 @@ def test_a_user_install_without_diffusers_imports_every_node():
     expected = {
         "LTCFGGuider", "LTCFGPatch", "LTSigmoidScheduler", "LTAnchorScheduler", "LTFlowMidpointSampler",
         "LTModelLoader", "LTLoraLoader", "LTContextDrop", "LTScaledRoPE", "LTDataset", "LTLoraTrainer",
-        "LTSaveLora", "LTLoraConvert",
+        "LTSaveLora", "LTLoraConvert", "LTFitSampler",
     }  # fmt: skip
     assert expected <= set(ours.split(",")), ours
