@@ -6,8 +6,9 @@
   exactly, with no division by sigma.
 * ``<linear>.forward`` object patches: the LoRA branch (training/lora.py).
 * ``layers.N.forward`` object patches: non-reentrant gradient checkpointing per block.
-* fp8 layers that multiply in fp8 (``fp8_e4m3fn_fast``, scaled-fp8 files on GPUs with fp8 compute):
-  object patches that send them through ComfyUI's cast instead, which autograd can differentiate.
+* ``<linear>.forward_comfy_cast_weights`` object patches: layers whose weight ComfyUI casts per call
+  (fp8 or other storage dtypes, block-swapped layers) cast it again in backward instead of autograd
+  saving the cast copy, and never multiply in fp8 (which autograd cannot differentiate).
 * weight wrappers (identity): ComfyUI copies a weight before calling wrappers. Only added when the
   weights are inference tensors (a model loaded inside ComfyUI's executor runs under
   torch.inference_mode), which autograd cannot save for backward.
@@ -24,6 +25,7 @@ budget from the top of that order and frees from the bottom, so exactly those mo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ import torch
 import torch.utils.checkpoint
 
 from .lora import LoraAdapter, LoraForward
+from .recast_linear import recast_linear
 
 _VELOCITY_CLASSES: dict[type, type] = {}
 _SWAP_CLASSES: dict[type, type] = {}
@@ -108,7 +111,7 @@ def build_training_patcher(
                 patcher.add_object_patch(
                     f"diffusion_model.{prefix}.{index}.forward", CheckpointedForward(block)
                 )
-    add_fp8_cast_patches(patcher)
+    add_recast_patches(patcher)
     if has_inference_weights(diffusion_model):
         for name, module in diffusion_model.named_modules():
             if hasattr(module, "comfy_cast_weights") and getattr(module, "weight", None) is not None:
@@ -116,36 +119,51 @@ def build_training_patcher(
     return patcher
 
 
-def add_fp8_cast_patches(patcher) -> int:
-    """Make the clone's fp8 layers compute in the compute dtype, not with fp8 matrix multiplies.
+class RecastForward:
+    """Object patch for a frozen ComfyUI Linear's ``forward_comfy_cast_weights`` (what its forward runs
+    whenever ComfyUI casts the weight: fp8 or another storage dtype, a block-swapped layer): ComfyUI's
+    cast and product, re-cast in the backward pass instead of saved (training/recast_linear.py).
 
-    ComfyUI multiplies in fp8 for the ``fp8_e4m3fn_fast`` choice and for scaled-fp8 files where the
-    GPU can; that path quantizes the activations with an in-place clamp that autograd refuses
-    (scaled layers raise, plain ones fall back after an exception per call). Plain fp8 layers skip
-    it in training mode (ComfyUI's own switch); scaled ones get the forward of ComfyUI's scaled
-    layer without fp8 multiplies. Returns how many layers were patched."""
-    import types
+    Never multiplies in fp8: ComfyUI's fp8 matmul path (``fp8_e4m3fn_fast``, scaled-fp8 files on GPUs
+    with fp8 compute) quantizes the activations with an in-place clamp that autograd refuses."""
 
-    import comfy.model_management as mm
-    import comfy.ops
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
 
-    model_config = patcher.model.model_config
-    scaled_fp8 = getattr(model_config, "scaled_fp8", None)
-    scaled_matmul = scaled_fp8 is not None and model_config.optimizations.get("fp8", False)
-    scaled_matmul = scaled_matmul and mm.supports_fp8_compute(patcher.load_device)
-    cast_forward = None
-    if scaled_matmul:
-        cast_forward = comfy.ops.scaled_fp8_ops(
-            scale_input=True, override_dtype=scaled_fp8
-        ).Linear.forward_comfy_cast_weights
+    def __call__(self, input: torch.Tensor) -> torch.Tensor:
+        if self.module.weight.requires_grad:  # only frozen weights may skip autograd
+            return type(self.module).forward_comfy_cast_weights(self.module, input)
+        scale = getattr(self.module, "scale_weight", None)
+        # as ComfyUI's scaled-fp8 layer: scale whichever of input and weight is smaller
+        scale_input = scale is not None and self.module.weight.numel() >= input.numel()
+        if scale_input:
+            input = input * scale.to(device=input.device, dtype=input.dtype)
+        weight_scale = None if scale_input else scale
+        return recast_linear(input, lambda dtype, device: self.cast(weight_scale, dtype, device))
+
+    @contextlib.contextmanager
+    def cast(self, weight_scale, dtype, device):
+        import comfy.ops
+
+        weight, bias, stream = comfy.ops.cast_bias_weight(
+            self.module, dtype=dtype, device=device, bias_dtype=dtype, offloadable=True
+        )
+        try:
+            if weight_scale is not None:
+                yield weight * weight_scale.to(device=weight.device, dtype=weight.dtype), bias
+            else:
+                yield weight, bias
+        finally:
+            comfy.ops.uncast_bias_weight(self.module, weight, bias, stream)
+
+
+def add_recast_patches(patcher) -> int:
+    """Send every frozen ComfyUI Linear of the clone through :class:`RecastForward`; returns how many."""
     patched = 0
     for name, module in patcher.model.diffusion_model.named_modules():
-        if isinstance(module, comfy.ops.fp8_ops.Linear):
-            patcher.add_object_patch(f"diffusion_model.{name}.training", True)
-            patched += 1
-        elif cast_forward is not None and hasattr(module, "scale_weight"):
+        if isinstance(module, torch.nn.Linear) and hasattr(module, "forward_comfy_cast_weights"):
             patcher.add_object_patch(
-                f"diffusion_model.{name}.forward_comfy_cast_weights", types.MethodType(cast_forward, module)
+                f"diffusion_model.{name}.forward_comfy_cast_weights", RecastForward(module)
             )
             patched += 1
     return patched
