@@ -3,6 +3,8 @@
 * The gradients through ComfyUI's cast fp8 weights are right: training on the fp8 base gives the
   run on a fp32 model holding the same (fp8-rounded) weights (losses and LoRA to 1e-5 relative);
   block swapping and gradient checkpointing on top give identical runs.
+* A training step keeps no compute-dtype copy of the frozen fp8 weights for backward (plain and
+  scaled fp8): the clone re-casts them there.
 * Through the real executor: LTModelLoader(fp8_e4m3fn) -> LTDataset -> LTLoraTrainer -> LTSaveLora;
   the LoRA (fp32, the same keys) loads on the bf16 model with the stock LoraLoader and no warning,
   and its held-out loss (other images of the concept, fixed noise, the 8 anchor sigmas) is within
@@ -84,6 +86,48 @@ def test_block_swapping_and_checkpointing_on_an_fp8_base(concept):
     assert_same_run(plain, engine.LoraTrainer(checkpointed, base, concept).run())
     swapped = engine.LoraTrainer(checkpointed.replace(blocks_to_swap=1), base, concept).run()
     assert_same_run(plain, swapped)
+
+
+@pytest.mark.parametrize("kind", ["fp8_e4m3fn", "scaled_fp8"])
+def test_a_training_step_saves_no_cast_copy_of_the_frozen_weights(concept, tmp_path, kind):
+    """Autograd needs W for grad_x = grad_out @ W; the training clone casts the fp8 weight again in
+    backward rather than keeping each layer's compute-dtype copy (with checkpointing, a whole block's
+    weights in fp32 or bf16 at once: about half the memory fp8 storage saves). Counted without
+    checkpointing, so every tensor autograd saves passes the hook."""
+    from lumina_turbo.devtools.harness import MODELS_DIR
+    from lumina_turbo.devtools.scaled_fp8 import write_scaled_fp8
+    from lumina_turbo.loading import model_files
+
+    if kind == "scaled_fp8":
+        path = write_scaled_fp8(MODELS_DIR / "diffusion_models" / MODEL, tmp_path / "scaled.safetensors")
+        base = model_files.load_transformer_file(path)
+    else:
+        base = fp8_base(kind)
+    linears = [m for m in base.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
+    assert {m.weight.dtype for m in linears} == {torch.float8_e4m3fn}
+    by_shape = {}
+    for module in linears:
+        scale = getattr(module, "scale_weight", None)
+        forms = [module.weight.float()] + (
+            [module.weight.float() * scale.float()] if scale is not None else []
+        )
+        by_shape.setdefault(tuple(module.weight.shape), []).extend(forms)
+
+    copies, saved_bytes = [], 0
+
+    def pack(tensor):
+        nonlocal saved_bytes
+        saved_bytes += tensor.numel() * tensor.element_size()
+        for candidate in [tensor, tensor.t()] if tensor.dim() == 2 else [tensor]:  # F.linear saves W.t()
+            if any(torch.equal(candidate, form) for form in by_shape.get(tuple(candidate.shape), [])):
+                copies.append(tuple(candidate.shape))
+        return tensor
+
+    config = small_config(max_train_steps=1, batch_size=2)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = engine.LoraTrainer(config, base, concept).run()
+    assert result.steps == 1 and saved_bytes > 0
+    assert copies == []  # before the re-cast: one fp32 copy per Linear layer and forward pass
 
 
 # ---------------------------------------------------------------- through the executor
