@@ -2,15 +2,22 @@
 vs ComfyUI's UNETLoader with the same weight_dtype; and LoRA quality on an fp8 base vs a bf16 base.
 
 Memory: one random-weight Lumina-Image-2.0-shaped transformer at the released width (dim 2304, 24/8
-heads, FFN 9216), so ComfyUI's UNETLoader detects it, with N_LAYERS main layers and 2+2 refiner blocks
-(12 blocks of 87 M parameters: 1.04 B, 2.1 GB in bf16; the released models have 30-34 blocks), so
-that weights dominate. It is written as a bf16 file and a scaled-fp8 file (ComfyUI's conventions,
-quantized from the bf16 values) of the same weights; fp32 is LTModelLoader's fp32 choice on the bf16
-file and UNETLoader's "default" (which holds fp32 on a CPU whatever the file holds). Each
-configuration runs in a fresh process: after the imports and the synthetic training data, the peak
-counters are reset before each phase (VmHWM through /proc/self/clear_refs; on a GPU also
-torch.cuda's peak allocation), and each figure is the phase's peak above the resident size after
+heads, FFN 9216), so ComfyUI's UNETLoader detects it, with N_LAYERS = 16 main layers and 2+2 refiner
+blocks (20 blocks of 87 M parameters: 1.74 B, 3.5 GB in bf16, 6.9 GB in fp32; the released models
+have 30-34 blocks), so that weights dominate. UNETLoader's "default" load peaks at ~1.5x the fp32
+size (~10.5 GB), the largest figure of the run. It is written as a bf16 file and a scaled-fp8 file
+(ComfyUI's conventions, quantized from the bf16 values) of the same weights; fp32 is LTModelLoader's
+fp32 choice on the bf16 file and UNETLoader's "default" (which holds fp32 on a CPU whatever the file
+holds). Each configuration runs in a fresh process: after the imports and the synthetic training
+data, the peak counters are reset before each phase (VmHWM through /proc/self/clear_refs; on a GPU
+also torch.cuda's peak allocation), and each figure is the phase's peak above the resident size after
 the imports, so the sampling and training figures include the resident weights.
+The child processes run with MALLOC_MMAP_THRESHOLD_=1048576 (CHILD_ENV): glibc then maps every block
+of 1 MiB or more on its own and returns it to the OS when freed, so the CPU peak RSS measures the
+memory the process really uses, as torch.cuda's peak allocation does on a GPU. With glibc's defaults
+its threshold rises to 32 MiB as large blocks are freed, and the per-layer fp32 cast copies of a CPU
+run (21-81 MiB at width 2304) then stay on the heap after free: the RSS grows with freed memory that
+a GPU's caching allocator would reuse and torch.cuda would not count.
 Phases: load (the loader call); one sampling step (comfy.sample.sample, euler, 1 step, 32x32
 latent, 32 caption tokens, under inference_mode as in the executor); one training step (the
 LTLoraTrainer engine, rank 8, gradient checkpointing, batch 1 of the same size).
@@ -23,6 +30,7 @@ on 3 held-out images of the concept (anchor velocity loss at the 8 anchors, fixe
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,8 +42,11 @@ VS_COMFY_MARGIN = 1.02  # ours <= UNETLoader's fp8 figure (+2 % for measurement 
 HELD_OUT_LIMIT = 0.05
 QUALITY_STEPS = 40
 PHASES = ("load", "sampling", "training")
+N_LAYERS = 16  # main layers, plus 2 + 2 refiner blocks
+MMAP_THRESHOLD = 1 << 20  # glibc: blocks of 1 MiB or more are mapped on their own, returned when freed
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
 LUMINA2_RELEASED_WIDTH = {
-    "hidden_size": 2304, "num_layers": 8, "num_refiner_layers": 2, "num_attention_heads": 24, "num_kv_heads": 8,
+    "hidden_size": 2304, "num_layers": N_LAYERS, "num_refiner_layers": 2, "num_attention_heads": 24, "num_kv_heads": 8,
     "multiple_of": 256, "ffn_dim_multiplier": None, "axes_dim_rope": [32, 32, 32], "axes_lens": [300, 512, 512],
     "cap_feat_dim": 2304,
 }  # fmt: skip
@@ -79,7 +90,9 @@ def write_models(folder: Path) -> dict[str, Path]:
 
 
 def _spawn(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=False, env=CHILD_ENV
+    )
     if out.returncode != 0:
         raise RuntimeError(f"{args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -118,7 +131,8 @@ def summarize(runs: list[dict], quality: dict) -> dict:
     mib = 1 << 20
     lines = [
         f"Peak {'VRAM (torch.cuda max allocated)' if gpu else 'RSS above the imports'} per phase, MiB; "
-        f"device: {runs[0]['device']}. Model: Lumina-2 width 2304, "
+        f"device: {runs[0]['device']}; children run with MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}. "
+        f"Model: Lumina-2 width 2304, "
         f"{LUMINA2_RELEASED_WIDTH['num_layers']}+2+2 blocks "
         f"({runs[0]['parameters'] / 1e6:.0f} M parameters). Ratio = / LTModelLoader bf16.",
         "",
@@ -153,6 +167,7 @@ def summarize(runs: list[dict], quality: dict) -> dict:
         )
     return {
         "runs": runs,
+        "malloc_mmap_threshold": MMAP_THRESHOLD,
         "ratios_vs_bf16": ratios,
         "checks": checks,
         "quality": quality,
