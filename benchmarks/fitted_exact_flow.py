@@ -158,15 +158,16 @@ def _fit(mixture, calibration, held_out, reference, shift, budget, solver, fit, 
 
 def _mixture_models(mixture_name: str) -> list[dict]:
     """The two models (own shifts) of one mixture: built-in errors and every fitted variant's."""
+    from lumina_turbo.devtools.comfy_host import bootstrap
+
+    bootstrap()  # a spawned worker starts bare: ComfyUI's CPU setup before any comfy import
+    torch.set_num_threads(1)
     import comfy.samplers
 
     from lumina_turbo.benchmarks.bench_schedules import MIXTURES
     from lumina_turbo.benchmarks.exact_flow import make_mixture, reference_solution
-    from lumina_turbo.devtools.comfy_host import bootstrap
     from lumina_turbo.patches.stock_lists import SCHEDULER_NAMES as OURS
 
-    bootstrap()  # a spawned worker starts bare
-    torch.set_num_threads(1)
     schedulers = [name for name in comfy.samplers.SCHEDULER_NAMES if name not in OURS]
     samplers = _builtin_samplers()
     mixture = make_mixture(**MIXTURES[mixture_name])
