@@ -19,6 +19,8 @@ Fitted variants (FITTED): each solver x fit kind at seed 0; the default variant 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import time
 
 import torch
@@ -27,14 +29,15 @@ NFE_BUDGETS = (4, 6, 8, 10, 16)
 OWN_SHIFTS = (1.0, 3.0)
 HINDSIGHT_SHIFTS = (1.0, 2.0, 3.0, 6.0)
 HELD_OUT_SAMPLES = 512
-CALIBRATION_SAMPLES = 384
-ITERATIONS = 200
+CALIBRATION_SAMPLES = 1024
+ITERATIONS = 300
+WORKERS = max(1, min(4, os.cpu_count() or 1))
 BUILTIN_SAMPLERS = (
     "euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "deis",
     "res_multistep", "gradient_estimation", "uni_pc", "uni_pc_bh2",
 )  # fmt: skip
-DEFAULT = ("multistep", "bespoke")
-FITTED = (("multistep", "steps"), ("multistep", "bespoke"))
+DEFAULT = ("multistep3", "bespoke")
+FITTED = (("multistep3", "steps"), ("multistep3", "bespoke"))
 SEEDS = (0, 1, 2)
 
 
@@ -153,8 +156,12 @@ def _fit(mixture, calibration, held_out, reference, shift, budget, solver, fit, 
     }
 
 
-def run() -> dict:
-    """Every model x budget: built-in errors (own shift, hindsight) and the fitted variants' errors."""
+def _mixture_models(mixture_name: str) -> list[dict]:
+    """The two models (own shifts) of one mixture: built-in errors and every fitted variant's."""
+    from lumina_turbo.devtools.comfy_host import bootstrap
+
+    bootstrap()  # a spawned worker starts bare: ComfyUI's CPU setup before any comfy import
+    torch.set_num_threads(1)
     import comfy.samplers
 
     from lumina_turbo.benchmarks.bench_schedules import MIXTURES
@@ -163,51 +170,63 @@ def run() -> dict:
 
     schedulers = [name for name in comfy.samplers.SCHEDULER_NAMES if name not in OURS]
     samplers = _builtin_samplers()
+    mixture = make_mixture(**MIXTURES[mixture_name])
+    held_out = torch.randn(
+        HELD_OUT_SAMPLES, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    reference = reference_solution(mixture, held_out)
+    by_shift = {
+        shift: _builtin_errors(mixture, held_out, reference, schedulers, samplers, shift)
+        for shift in sorted(set(HINDSIGHT_SHIFTS) | set(OWN_SHIFTS))
+    }
     models = []
-    for mixture_name, kwargs in MIXTURES.items():
-        mixture = make_mixture(**kwargs)
-        held_out = torch.randn(
-            HELD_OUT_SAMPLES, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
-        )
-        reference = reference_solution(mixture, held_out)
-        by_shift = {
-            shift: _builtin_errors(mixture, held_out, reference, schedulers, samplers, shift)
-            for shift in sorted(set(HINDSIGHT_SHIFTS) | set(OWN_SHIFTS))
-        }
-        for own_shift in OWN_SHIFTS:
-            model = {"mixture": mixture_name, "own_shift": own_shift, "budgets": {}}
-            for budget in NFE_BUDGETS:
-                own_pair, own_error = _best(by_shift[own_shift], budget)
-                hindsight = min(
-                    (
-                        (f"{pair} @ shift {s:g}", e)
-                        for s in HINDSIGHT_SHIFTS
-                        for pair, e in [_best(by_shift[s], budget)]
-                    ),
-                    key=lambda pair: pair[1],
-                )
-                entry = {
-                    "best_own_shift": {"pair": own_pair, "error": own_error},
-                    "best_hindsight": {"pair": hindsight[0], "error": hindsight[1]},
-                    "fitted": {},
-                }
-                for solver, fit in FITTED:
-                    for seed in SEEDS if (solver, fit) == DEFAULT else SEEDS[:1]:
-                        calibration = torch.randn(
-                            CALIBRATION_SAMPLES,
-                            mixture.dim,
-                            dtype=torch.float64,
-                            generator=torch.Generator().manual_seed(1000 + seed),
-                        )
-                        result = _fit(
-                            mixture, calibration, held_out, reference, own_shift, budget, solver, fit, seed
-                        )
-                        assert result["nfe"] <= budget, (solver, fit, budget, result["nfe"])
-                        result["over_own_shift"] = result["held_out_error"] / own_error
-                        result["over_hindsight"] = result["held_out_error"] / hindsight[1]
-                        entry["fitted"][f"{solver}/{fit}/seed {seed}"] = result
-                model["budgets"][budget] = entry
-            models.append(model)
+    for own_shift in OWN_SHIFTS:
+        model = {"mixture": mixture_name, "own_shift": own_shift, "budgets": {}}
+        for budget in NFE_BUDGETS:
+            own_pair, own_error = _best(by_shift[own_shift], budget)
+            hindsight = min(
+                (
+                    (f"{pair} @ shift {s:g}", e)
+                    for s in HINDSIGHT_SHIFTS
+                    for pair, e in [_best(by_shift[s], budget)]
+                ),
+                key=lambda pair: pair[1],
+            )
+            entry = {
+                "best_own_shift": {"pair": own_pair, "error": own_error},
+                "best_hindsight": {"pair": hindsight[0], "error": hindsight[1]},
+                "fitted": {},
+            }
+            for solver, fit in FITTED:
+                for seed in SEEDS if (solver, fit) == DEFAULT else SEEDS[:1]:
+                    calibration = torch.randn(
+                        CALIBRATION_SAMPLES,
+                        mixture.dim,
+                        dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(1000 + seed),
+                    )
+                    result = _fit(
+                        mixture, calibration, held_out, reference, own_shift, budget, solver, fit, seed
+                    )
+                    assert result["nfe"] <= budget, (solver, fit, budget, result["nfe"])
+                    result["over_own_shift"] = result["held_out_error"] / own_error
+                    result["over_hindsight"] = result["held_out_error"] / hindsight[1]
+                    entry["fitted"][f"{solver}/{fit}/seed {seed}"] = result
+            model["budgets"][budget] = entry
+        models.append(model)
+    return models
+
+
+def run() -> dict:
+    """Every model x budget: built-in errors (own shift, hindsight) and the fitted variants' errors.
+
+    The mixtures run in WORKERS spawned processes (one CPU thread each)."""
+    from lumina_turbo.benchmarks.bench_schedules import MIXTURES
+
+    names = list(MIXTURES)
+    with multiprocessing.get_context("spawn").Pool(min(WORKERS, len(names))) as pool:
+        per_mixture = pool.map(_mixture_models, names, chunksize=1)
+    models = [model for mixture_models in per_mixture for model in mixture_models]
     return {"models": models, "summary": _summary(models), "table": _table(models)}
 
 

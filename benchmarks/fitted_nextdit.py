@@ -97,7 +97,7 @@ def run() -> dict:
                 error = _error(x, reference)
                 if math.isfinite(error):
                     rows.append({"nfe": budget, "pair": f"{scheduler} + {name}", "error": error})
-        for solver, fit in (("multistep", "steps"), ("multistep", "bespoke")):
+        for solver, fit in (("multistep3", "steps"), ("multistep3", "bespoke")):
 
             def fit_node(g, guider, latent, solver=solver, fit=fit, budget=budget):
                 node = g.node(
@@ -121,7 +121,7 @@ def run() -> dict:
     summary = []
     for budget in BUDGETS:
         best = min((r for r in rows if r["nfe"] == budget), key=lambda r: r["error"])
-        for variant in ("multistep/steps", "multistep/bespoke"):
+        for variant in ("multistep3/steps", "multistep3/bespoke"):
             result = fitted[(budget, variant)]
             summary.append(
                 {

@@ -212,14 +212,15 @@ class LTFitSampler(io.ComfyNode):
                     min=LIMITS["steps"][0],
                     max=LIMITS["steps"][1],
                     tooltip="Sampling intervals (SIGMAS = steps + 1). Model calls per image: steps for euler and "
-                    "multistep, 2 x steps for midpoint.",
+                    "the multistep solvers, 2 x steps for midpoint.",
                 ),
                 io.Combo.Input(
                     "solver",
                     options=list(SOLVERS),
-                    default="multistep",
-                    tooltip="Base solver. multistep: 2nd order, 1 call per step (default). euler: 1st order. "
-                    "midpoint: 2nd order, 2 calls per step.",
+                    default="multistep3",
+                    tooltip="Base solver, 1 call per step unless said. multistep3: 3rd order (the last three "
+                    "predictions; default). multistep: 2nd order. euler: 1st order. midpoint: 2nd order, 2 calls "
+                    "per step.",
                 ),
                 io.Combo.Input(
                     "fit",
@@ -310,7 +311,7 @@ class LTFitSampler(io.ComfyNode):
         calls = CALLS_PER_INTERVAL[solver] * steps
         title = (
             f"LTFitSampler · {solver} {fit} · {calls} calls · error "
-            f"{report.get('validation_error', float('nan')):.4f} (default {report.get('start_validation_error', float('nan')):.4f})"
+            f"{report.get('validation_error', float('nan')):.4f} (start {report.get('start_validation_error', float('nan')):.4f})"
         )
         plot = sigma_plot(
             sigmas, title, reference=start.to(torch.float32), labels=("fitted", "model default")

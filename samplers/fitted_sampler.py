@@ -5,13 +5,13 @@ Time convention: **ComfyUI sigma**, 1 = noise, 0 = data, ``x_sigma = (1 - sigma)
 of a batch, ``sigma`` a [B] tensor; the flow ODE is ``dx/dsigma = (x - x0) / sigma``.
 
 Every solver here is written in denoised form: an interval [s, s'] maps the state x and the model's
-predictions D to ``x' = A x + B D + C (D - D_prev)``, with A, B, C fixed by the base solver
-(Align-Your-Steps style fits change only the sigmas). The ``bespoke`` fit adds per-step corrections
-(a, b, c) to those coefficients, in the spirit of Bespoke Solvers (Shaul et al., ICLR 2024). They start
-at 0 (the base solver) and stay there for the first half of the iterations (the schedule is fitted first),
-are pulled back to 0 by weight decay, and the iterate kept is the one with the
-lowest error on a validation split of the calibration noise that the optimiser never saw, so the fit
-can only end at or below the starting schedule on that split.
+predictions D to ``x' = A x + B D + C (D - D_prev) + E (D_prev - D_prev2)``, with A, B, C, E fixed by the
+base solver (Align-Your-Steps style fits change only the sigmas). The ``bespoke`` fit adds per-step
+corrections (a, b, c, d) to those coefficients, in the spirit of Bespoke Solvers (Shaul et al., ICLR 2024).
+They start at 0 (the base solver) and stay there for the first quarter of the iterations (the schedule is
+fitted first), then move with steps sized to the error left, are pulled back to 0 by weight decay, and
+the iterate kept is the one with the lowest error on a validation split of the calibration noise that the
+optimiser never saw, so the fit can only end at or below its starting schedule on that split.
 
 Solvers (``SOLVERS``):
 
@@ -19,6 +19,8 @@ Solvers (``SOLVERS``):
 * ``multistep``: D extrapolated linearly in sigma from this and the previous step's prediction and the
   ODE integrated exactly over the interval (2nd order, like dpmpp_2m); 1 call per interval; its first
   interval is Euler.
+* ``multistep3``: the same with the quadratic through the last three predictions (3rd order per step,
+  like DEIS's polynomial extrapolation); its first two intervals are Euler and ``multistep``.
 * ``midpoint``: the explicit midpoint rule of samplers/flow_solvers.py (2 calls per interval, never at
   sigma 0).
 """
@@ -32,14 +34,28 @@ from numbers import Real
 
 import torch
 
-from .flow import velocity_from_denoised
+from .flow import time_shift, velocity_from_denoised
 from .schedules import check_sigmas, check_steps
 
-SOLVERS = ("euler", "multistep", "midpoint")
+SOLVERS = ("euler", "multistep", "multistep3", "midpoint")
 FIT_KINDS = ("steps", "bespoke")
-CALLS_PER_INTERVAL = {"euler": 1, "multistep": 1, "midpoint": 2}
+CALLS_PER_INTERVAL = {"euler": 1, "multistep": 1, "multistep3": 1, "midpoint": 2}
+ORDER = {"euler": 1, "multistep": 2, "multistep3": 3}  # degree of the D polynomial + 1 (multistep kinds)
+# Which of the corrections (x, D, D - D_prev, D_prev - D_prev2) a bespoke fit of each solver may move:
+# euler keeps to one prediction (else it would be a multistep method), midpoint has no D_prev2.
+CORRECTION_TERMS = 4
+CORRECTED_TERMS = {
+    "euler": (1.0, 1.0, 0.0, 0.0),
+    "multistep": (1.0, 1.0, 1.0, 0.0),
+    "multistep3": (1.0, 1.0, 1.0, 1.0),
+    "midpoint": (1.0, 1.0, 1.0, 0.0),
+}
+# Shifts tried on the starting schedule (time_shift composes: shift a then b = shift a*b): the fit starts
+# from the one best on the calibration noise, so a model whose default shift is far off is not stuck near it.
+START_SHIFT_FACTORS = (1 / 3, 1 / 2, 1.0, 2.0, 3.0)
+MIN_INTERVAL = 1e-4  # of a fitted schedule: no interior sigma at (or rounded to) 0
 REFERENCE_STEPS = 64  # midpoint intervals of the fine-step reference solve (2 calls each)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def model_calls_for(solver: str, steps: int) -> int:
@@ -76,16 +92,34 @@ def _call(denoise, x: torch.Tensor, sigma) -> torch.Tensor:
     return _checked_denoised(denoise(x, sigma_batch), x, sigma_batch)
 
 
-def _multistep_extrapolation(sigma, sigma_next, sigma_prev):
-    """C of ``x' = (s'/s) x + (1 - s'/s) D + C (D - D_prev)`` for D linear in sigma through both predictions.
+def _extrapolation_coefficients(sigma, sigma_next, sigma_prev, sigma_prev2=None):
+    """(C1, C2) of ``x' = (s'/s) x + (1 - s'/s) D + C1 (D - D_prev) + C2 (D_prev - D_prev2)``.
 
-    Exact integral of dx/ds = (x - D(s)) / s over [s, s'] (ComfyUI sigma) with D(u) = D + k (u - s),
-    k = (D - D_prev) / (s - s_prev): the k term is ``-k (s' ln(s'/s) + s - s')``, 0 at s' = 0 included.
+    Exact integral over [s, s'] (ComfyUI sigma) of ``d(x/u)/du = -D(u) / u**2``, i.e. the flow ODE, with
+    D(u) the polynomial in sigma through the last two (``sigma_prev2`` None) or three predictions (Newton
+    form ``D + k1 (u - s) + k2 (u - s)(u - s_prev)``). The limits at s' = 0 are used there (the
+    logarithm's gradient at 0 would be NaN).
     """
-    if float(sigma_next.detach()) == 0.0:  # the limit; xlogy's gradient at 0 would be NaN
-        return -sigma / (sigma - sigma_prev)
-    integral = sigma_next * torch.log(sigma_next / sigma) + sigma - sigma_next
-    return -integral / (sigma - sigma_prev)
+    at_zero = float(sigma_next.detach()) == 0.0
+    # -s' * integral of (u - s) / u**2 and of (u - s)(u - s_prev) / u**2 over [s, s']
+    if at_zero:
+        linear, quadratic = -sigma, sigma * sigma_prev
+    else:
+        log_ratio = torch.log(sigma_next / sigma)
+        linear = -(sigma_next * log_ratio + sigma - sigma_next)
+        quadratic = (
+            -sigma_next * (sigma_next - sigma)
+            + sigma_next * (sigma + sigma_prev) * log_ratio
+            - sigma_prev * sigma_next
+            + sigma * sigma_prev
+        )
+    c1 = linear / (sigma - sigma_prev)
+    if sigma_prev2 is None:
+        return c1, 0.0
+    # k2 = [(D - D_prev)/(s - s_prev) - (D_prev - D_prev2)/(s_prev - s_prev2)] / (s - s_prev2)
+    c1 = c1 + quadratic / ((sigma - sigma_prev) * (sigma - sigma_prev2))
+    c2 = -quadratic / ((sigma_prev - sigma_prev2) * (sigma - sigma_prev2))
+    return c1, c2
 
 
 def run_solver(
@@ -98,22 +132,24 @@ def run_solver(
 ) -> torch.Tensor:
     """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` (ComfyUI sigma, 1 = noise) with ``solver``.
 
-    ``corrections`` ([steps, 3] or None = zeros) are the bespoke per-step additions (a, b, c) to the
-    coefficients of x, D and (D - D_prev); for ``midpoint`` D is the midpoint's prediction and D_prev the
-    interval's first one. Differentiable in ``sigmas``, ``corrections`` and through ``denoise``.
-    ``callback(i, x, denoised)`` is called once per interval after its first model call.
+    ``corrections`` ([steps, 4] or None = zeros) are the bespoke per-step additions (a, b, c, d) to the
+    coefficients of x, D, (D - D_prev) and (D_prev - D_prev2); for ``midpoint`` D is the midpoint's
+    prediction and D_prev the interval's first one (d unused). Differentiable in ``sigmas``,
+    ``corrections`` and through ``denoise``. ``callback(i, x, denoised)`` is called once per interval
+    after its first model call.
     """
     steps = sigmas.numel() - 1
-    previous = None
+    order = ORDER.get(solver, 1)
+    previous = []  # earlier predictions, newest last (at most two kept)
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = _call(denoise, x, sigma)
         if callback is not None:
             callback(i, x, denoised)
         ratio = sigma_next / sigma
-        a = b = c = 0.0
+        a = b = c = d = 0.0
         if corrections is not None:
-            a, b, c = corrections[i, 0], corrections[i, 1], corrections[i, 2]
+            a, b, c, d = corrections[i, 0], corrections[i, 1], corrections[i, 2], corrections[i, 3]
         if solver == "midpoint":
             sigma_mid = (sigma + sigma_next) / 2
             x_mid = x + velocity_from_denoised(x, denoised, sigma) * (sigma_mid - sigma)
@@ -121,12 +157,14 @@ def run_solver(
             x = x + velocity_from_denoised(x_mid, denoised_mid, sigma_mid) * (sigma_next - sigma)
             x = x + a * x_mid + b * denoised_mid + c * (denoised_mid - denoised)
             continue
-        extrapolation = 0.0
-        if solver == "multistep" and previous is not None:
-            extrapolation = _multistep_extrapolation(sigma, sigma_next, sigmas[i - 1])
-        difference = 0.0 if previous is None else denoised - previous
-        x = (ratio + a) * x + (1 - ratio + b) * denoised + (extrapolation + c) * difference
-        previous = denoised
+        c1 = c2 = 0.0
+        if order >= 2 and previous:
+            older_sigma = sigmas[i - 2] if order >= 3 and len(previous) == 2 else None
+            c1, c2 = _extrapolation_coefficients(sigma, sigma_next, sigmas[i - 1], older_sigma)
+        difference = denoised - previous[-1] if previous else 0.0
+        older_difference = previous[-1] - previous[-2] if len(previous) == 2 else 0.0
+        x = (ratio + a) * x + (1 - ratio + b) * denoised + (c1 + c) * difference + (c2 + d) * older_difference
+        previous = [*previous[-1:], denoised]
     return x
 
 
@@ -140,8 +178,8 @@ def relative_error(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 class FittedSampler:
     """A schedule (and for ``bespoke`` per-step corrections) fitted to one model; ComfyUI sigma, 1 = noise.
 
-    ``sigmas``: float64 [steps + 1], strictly descending from 1 to 0. ``corrections``: [steps, 3] additions
-    to the base solver's coefficients of (x, D, D - D_prev), zeros for fit ``steps``. ``report``: the fit's
+    ``sigmas``: float64 [steps + 1], strictly descending from 1 to 0. ``corrections``: [steps, 4] additions
+    to the base solver's coefficients of (x, D, D - D_prev, D_prev - D_prev2), zeros for fit ``steps``. ``report``: the fit's
     errors and cost (see :func:`fit_sampler`).
     """
 
@@ -185,8 +223,10 @@ class FittedSampler:
             raise ValueError(f"not a fitted sampler of format {FORMAT_VERSION}")
         sigmas = check_sigmas(torch.tensor(data["sigmas"], dtype=torch.float64), "fitted sigmas")
         corrections = torch.tensor(data["corrections"], dtype=torch.float64)
-        if corrections.shape != (sigmas.numel() - 1, 3) or not bool(torch.isfinite(corrections).all()):
-            raise ValueError("fitted corrections must be finite, one row of 3 per interval")
+        if corrections.shape != (sigmas.numel() - 1, CORRECTION_TERMS) or not bool(
+            torch.isfinite(corrections).all()
+        ):
+            raise ValueError(f"fitted corrections must be finite, one row of {CORRECTION_TERMS} per interval")
         return cls(
             sigmas, check_solver(data["solver"]), check_fit(data["fit"]), corrections, data.get("report", {})
         )
@@ -211,15 +251,24 @@ def reference_solution(denoise, noise: torch.Tensor, steps: int = REFERENCE_STEP
     return torch.cat(parts)
 
 
+def _shifted(sigmas: torch.Tensor, factor: float) -> torch.Tensor:
+    shifted = time_shift(sigmas, factor).clone()  # a new tensor even at factor 1 (may be an inference one)
+    shifted[0], shifted[-1] = 1.0, 0.0  # the formula can miss the ends by an ulp
+    return check_sigmas(shifted, "shifted start_sigmas")
+
+
 def _initial_logits(start: torch.Tensor) -> torch.Tensor:
-    # sigma_i = 1 - cumsum(softmax(logits))[: i]: any logits give a strictly descending 1 -> 0 schedule.
-    return torch.log(start[:-1] - start[1:])
+    # sigma_i = 1 - cumsum(increments)[: i], increments = floor + (1 - n floor) softmax(logits): any logits
+    # give a strictly descending 1 -> 0 schedule whose interior never reaches sigma 0 (the model's edge).
+    intervals = start[:-1] - start[1:]
+    share = (intervals - MIN_INTERVAL) / (1.0 - intervals.numel() * MIN_INTERVAL)
+    return torch.log(share.clamp_min(1e-12))
 
 
 def _sigmas_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    increments = torch.softmax(logits, dim=0)
+    increments = MIN_INTERVAL + (1.0 - logits.numel() * MIN_INTERVAL) * torch.softmax(logits, dim=0)
     cumulative = torch.cumsum(increments, dim=0)
-    return torch.cat([cumulative.new_ones(1), (1.0 - cumulative[:-1]).clamp_min(0), cumulative.new_zeros(1)])
+    return torch.cat([cumulative.new_ones(1), 1.0 - cumulative[:-1], cumulative.new_zeros(1)])
 
 
 def _check_positive_int(value, name: str, low: int = 1) -> int:
@@ -262,6 +311,9 @@ def fit_sampler(
     weight_decay: float = 1e-3,
     chunk: int | None = None,
     progress=None,
+    schedule_only_fraction: float = 0.25,
+    correction_step: float = 0.5,
+    start_shift_factors: tuple[float, ...] = START_SHIFT_FACTORS,
 ) -> FittedSampler:
     """Fit ``steps`` intervals of ``solver`` to ``denoise`` on the calibration ``noise`` (at sigma 1).
 
@@ -272,14 +324,16 @@ def fit_sampler(
     ``reference``, the sigma-0 endpoints of ``noise`` (None: computed by :func:`reference_solution`).
     ``fit="steps"`` fits only the sigmas (monotone by construction: softmax increments, endpoints 1 and 0
     fixed); ``"bespoke"`` also fits the per-step corrections of the solver's coefficients, with
-    ``weight_decay`` pulling them back to the base solver; they move only in the second half of the
-    iterations, after the sigmas alone have been fitted. A random ``validation_fraction`` of the noise
+    ``weight_decay`` pulling them back to the base solver; they move only after the first
+    ``schedule_only_fraction`` of the iterations (the sigmas alone first), with a learning rate of
+    ``correction_step`` times the validation error reached by then. A random ``validation_fraction`` of the noise
     (split by ``seed``) is held out of the optimisation; the iterate with the lowest validation error is
     returned (the start included). Adam with ``learning_rate`` (cosine decay), the gradient norms of the
     sigmas and of the corrections clipped apart; a non-finite step
     is undone and the learning rate halved. ``chunk`` bounds the batch of one model call.
-    ``start_sigmas``: the starting schedule (default uniform; pass the model's own). ``progress(done, total)``
-    is called once per iteration.
+    ``start_sigmas``: the starting schedule (default uniform; pass the model's own); the fit starts from
+    whichever of its time shifts by ``start_shift_factors`` has the lowest calibration error (``()``: as
+    given). ``progress(done, total)`` is called once per iteration.
 
     The returned sampler's ``report`` holds the calibration (optimised part), validation and starting
     errors and the cost: model calls and sample evaluations of the reference and of the fit (a backward
@@ -297,6 +351,11 @@ def fit_sampler(
         raise ValueError("noise must be finite")
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction!r}")
+    if not 0.0 <= schedule_only_fraction <= 1.0:
+        raise ValueError(f"schedule_only_fraction must lie in [0, 1], got {schedule_only_fraction!r}")
+    correction_step = _check_nonnegative(correction_step, "correction_step")
+    if any(not (isinstance(f, Real) and math.isfinite(f) and f > 0) for f in start_shift_factors):
+        raise ValueError(f"start_shift_factors must be finite numbers > 0, got {start_shift_factors!r}")
     if start_sigmas is None:
         start_sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     start_sigmas = check_sigmas(start_sigmas.detach().to(torch.float64).cpu(), "start_sigmas")
@@ -320,19 +379,6 @@ def fit_sampler(
     validation, calibration = order[:held], order[held:]
     dtype, device = noise.dtype, noise.device
 
-    logits = _initial_logits(start_sigmas).to(device=device, dtype=dtype).requires_grad_(True)
-    corrections = torch.zeros(steps, 3, dtype=dtype, device=device, requires_grad=fit == "bespoke")
-    if solver == "euler":
-        mask = torch.tensor(
-            [1.0, 1.0, 0.0], dtype=dtype, device=device
-        )  # (D - D_prev) would make it multistep
-    else:
-        mask = torch.ones(3, dtype=dtype, device=device)
-    parameters = [{"params": [logits], "lr": learning_rate}]
-    if fit == "bespoke":
-        # Corrections act on O(1) coefficients: a smaller step than the logits' keeps early iterates sane.
-        parameters.append({"params": [corrections], "lr": learning_rate / 5})
-
     def error(indices, sigmas, coefficients) -> torch.Tensor:
         values = []
         for part in indices.split(chunk):
@@ -340,15 +386,33 @@ def fit_sampler(
             values.append(relative_error(x, reference[part]))
         return torch.cat(values).mean()
 
+    def start_error(sigmas) -> float:
+        with torch.no_grad():
+            return float(error(calibration, sigmas.to(device=device, dtype=dtype), None))
+
+    candidates = [_shifted(start_sigmas, factor) for factor in start_shift_factors] or [start_sigmas]
+    start_errors = [start_error(c) for c in candidates]
+    chosen = min(range(len(candidates)), key=start_errors.__getitem__)
+    start_sigmas = candidates[chosen]
+    logits = _initial_logits(start_sigmas).to(device=device, dtype=dtype).requires_grad_(True)
+    corrections = torch.zeros(
+        steps, CORRECTION_TERMS, dtype=dtype, device=device, requires_grad=fit == "bespoke"
+    )
+    mask = torch.tensor(CORRECTED_TERMS[solver], dtype=dtype, device=device)
+    parameters = [{"params": [logits], "lr": learning_rate}]
+    if fit == "bespoke":
+        parameters.append({"params": [corrections], "lr": 0.0})  # set when they start to move
+
     def evaluate(indices) -> float:
         with torch.no_grad():
             return float(error(indices, _sigmas_from_logits(logits), corrections * mask))
 
     optimizer = torch.optim.Adam(parameters)
-    # Cosine decay: large early moves find the schedule's shape, small late ones settle it.
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, max(iterations, 1), eta_min=learning_rate / 20
+    # Cosine decay to 1/20: large early moves find the schedule's shape, small late ones settle it.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.05 + 0.95 * (1 + math.cos(math.pi * t / max(iterations, 1))) / 2
     )
+    schedule_only = int(iterations * schedule_only_fraction)
     best_validation = evaluate(validation)
     start_validation = best_validation
     start_calibration = evaluate(calibration)
@@ -377,10 +441,14 @@ def fit_sampler(
             scheduler.base_lrs = [lr / 2 for lr in scheduler.base_lrs]
             history.append({"iteration": iteration, "calibration": None, "validation": None})
             continue
-        if iteration <= iterations // 2:
-            corrections.grad = (
-                None  # first half: the schedule alone, so the corrections start from a fitted one
-            )
+        if iteration <= schedule_only:
+            corrections.grad = None  # the schedule alone first, so the corrections start from a fitted one
+        elif iteration == schedule_only + 1 and len(scheduler.base_lrs) > 1:
+            # A correction of size c moves the relative terminal error by about c: steps sized to the
+            # error still to remove (not to the O(1) coefficients) neither stall at 4 steps nor
+            # overshoot at 16.
+            scheduler.base_lrs[1] = correction_step * best_validation
+            optimizer.param_groups[1]["lr"] = scheduler.base_lrs[1] * scheduler.lr_lambdas[0](iteration - 1)
         for parameter in (
             logits,
             corrections,
@@ -416,6 +484,7 @@ def fit_sampler(
         "model_calls": result.model_calls,
         "calibration_samples": int(calibration.numel()),
         "validation_samples": int(validation.numel()),
+        "start_shift_factor": float(start_shift_factors[chosen]) if start_shift_factors else 1.0,
         "start_calibration_error": start_calibration,
         "start_validation_error": start_validation,
         "calibration_error": calibration_error,

@@ -1,13 +1,16 @@
 """fit_sampler on exact Gaussian-mixture flows: monotone schedule, lower error, budget, JSON, errors."""
 
+import functools
 import math
 
 import pytest
+import scipy.integrate
 import torch
 
 from lumina_turbo.benchmarks.exact_flow import make_mixture, reference_solution
 from lumina_turbo.samplers.fitted_sampler import (
     FittedSampler,
+    _extrapolation_coefficients,
     fit_sampler,
     model_calls_for,
     relative_error,
@@ -23,7 +26,7 @@ def flow():
     torch.set_num_threads(1)
     mixture = make_mixture(dim=4, components=4, std_range=(0.05, 0.3), seed=5)
     calibration = torch.randn(
-        512, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+        1024, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
     )
     held_out = torch.randn(256, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     return {
@@ -62,13 +65,22 @@ def _held_out_error(flow, sigmas, solver, corrections=None):
 
 @pytest.mark.parametrize(
     ("solver", "fit", "steps"),
-    [("multistep", "bespoke", 6), ("euler", "steps", 5), ("midpoint", "bespoke", 3)],
+    [
+        ("multistep3", "bespoke", 6),
+        ("multistep", "bespoke", 6),
+        ("euler", "steps", 5),
+        ("midpoint", "bespoke", 3),
+    ],
 )
 def test_fit_lowers_calibration_and_held_out_error(flow, solver, fit, steps):
     fitted = _fit(flow, steps, solver, fit)
     report = fitted.report
     assert report["best_iteration"] > 0
-    assert report["calibration_error"] < 0.8 * report["start_calibration_error"]
+    assert report["calibration_error"] < report["start_calibration_error"]  # the chosen start (a shift)
+    given = run_solver(flow["denoise"], flow["calibration"], _start(steps), solver)
+    assert report["calibration_error"] < 0.8 * float(
+        relative_error(given, flow["calibration_reference"]).mean()
+    )
     start = _held_out_error(flow, _start(steps), solver)
     held_out = float(
         relative_error(fitted.sample(flow["denoise"], flow["held_out"]), flow["held_out_reference"]).mean()
@@ -91,11 +103,12 @@ def test_sigmas_monotone_endpoints_fixed_and_reproducible(flow):
 
 def test_steps_fit_keeps_the_base_solver(flow):
     fitted = _fit(flow, 4, "multistep", "steps", iterations=10)
-    assert torch.equal(fitted.corrections, torch.zeros(4, 3, dtype=torch.float64))
+    assert torch.equal(fitted.corrections, torch.zeros(4, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(
-    ("solver", "steps", "calls"), [("euler", 4, 4), ("multistep", 7, 7), ("midpoint", 5, 10)]
+    ("solver", "steps", "calls"),
+    [("euler", 4, 4), ("multistep", 7, 7), ("multistep3", 6, 6), ("midpoint", 5, 10)],
 )
 def test_sampling_costs_exactly_the_budget(flow, solver, steps, calls):
     fitted = _fit(flow, steps, solver, "bespoke", iterations=3)
@@ -125,6 +138,41 @@ def test_base_solvers_converge_at_their_order(solver, order):
     assert 2**order * 0.8 < ratio < 2**order * 1.3
 
 
+@pytest.mark.parametrize(
+    ("sigma", "sigma_next", "sigma_prev", "sigma_prev2"), [(0.5, 0.3, 0.7, 0.9), (0.4, 0.0, 0.6, 0.85)]
+)
+def test_multistep3_step_is_exact_for_a_quadratic_prediction(sigma, sigma_next, sigma_prev, sigma_prev2):
+    # The step integrates the flow ODE d(x/u)/du = -D(u)/u**2 exactly when D is quadratic in sigma.
+    def prediction(u):
+        return 0.3 + 1.7 * u - 2.1 * u * u
+
+    def exact(x):  # x(s') = (s'/s) x - s' * integral_s^s' D(u)/u**2 du, D(0) at s' = 0
+        if sigma_next == 0:
+            return prediction(0.0)
+        integral = scipy.integrate.quad(lambda u: prediction(u) / u**2, sigma, sigma_next, epsabs=1e-13)[0]
+        return sigma_next / sigma * x - sigma_next * integral
+
+    t = functools.partial(torch.tensor, dtype=torch.float64)
+    c1, c2 = _extrapolation_coefficients(t(sigma), t(sigma_next), t(sigma_prev), t(sigma_prev2))
+    d, d_prev, d_prev2 = prediction(sigma), prediction(sigma_prev), prediction(sigma_prev2)
+    x = 1.234
+    ratio = sigma_next / sigma
+    step = ratio * x + (1 - ratio) * d + float(c1) * (d - d_prev) + float(c2) * (d_prev - d_prev2)
+    assert step == pytest.approx(exact(x), abs=1e-12)
+
+
+def test_multistep3_beats_multistep_on_a_smooth_flow():
+    mixture = make_mixture(dim=4, components=3, std_range=(0.3, 0.5), seed=3)
+    noise = torch.randn(64, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    reference = reference_solution(mixture, noise)
+    sigmas = torch.linspace(1.0, 0.0, 33, dtype=torch.float64)
+    errors = {
+        solver: float(relative_error(run_solver(mixture.denoise, noise, sigmas, solver), reference).mean())
+        for solver in ("multistep", "multistep3")
+    }
+    assert errors["multistep3"] < errors["multistep"] / 5
+
+
 def test_json_round_trip(flow):
     fitted = _fit(flow, 4, "midpoint", "bespoke", iterations=5)
     restored = FittedSampler.from_json(fitted.to_json())
@@ -144,6 +192,34 @@ def test_reference_is_computed_and_its_cost_reported(flow):
     assert fitted.report["fit_cost"]["calls"] > 0
 
 
+def test_fit_starts_from_the_best_shift_of_the_given_schedule(flow):
+    given = _start(4, shift=12.0)  # far too much shift for this flow
+    factors = (1 / 3, 1.0, 3.0)
+    fitted = fit_sampler(
+        flow["denoise"],
+        flow["calibration"],
+        4,
+        solver="multistep3",
+        fit="steps",
+        reference=flow["calibration_reference"],
+        start_sigmas=given,
+        iterations=0,
+        start_shift_factors=factors,
+    )
+
+    def calibration_error(sigmas):  # over all the calibration noise: the split is the fit's business
+        x = run_solver(flow["denoise"], flow["calibration"], sigmas, "multistep3")
+        return float(relative_error(x, flow["calibration_reference"]).mean())
+
+    errors = {f: calibration_error(time_shift(given, f)) for f in factors}
+    assert fitted.report["start_shift_factor"] == 1 / 3 == min(errors, key=errors.get)
+    assert torch.allclose(fitted.sigmas, time_shift(given, 1 / 3), atol=1e-12)
+    unshifted = fit_sampler(
+        flow["denoise"], flow["calibration"][:8], 4, start_sigmas=given, iterations=0, start_shift_factors=()
+    )
+    assert torch.allclose(unshifted.sigmas, given, atol=1e-12)
+
+
 def test_learning_rate_too_large_does_not_diverge(flow):
     fitted = _fit(flow, 6, "multistep", "bespoke", learning_rate=5.0, iterations=30)
     report = fitted.report
@@ -159,6 +235,9 @@ def test_learning_rate_too_large_does_not_diverge(flow):
         ({"fit": "everything"}, "fit must be one of"),
         ({"noise": torch.zeros(1, 4)}, "at least 2 calibration samples"),
         ({"start_sigmas": torch.tensor([1.0, 0.7, 0.8, 0.0])}, "strictly descending"),
+        ({"schedule_only_fraction": 1.5}, "schedule_only_fraction must lie in"),
+        ({"correction_step": -1.0}, "correction_step must be a finite number >= 0"),
+        ({"start_shift_factors": (1.0, 0.0)}, "start_shift_factors must be finite numbers > 0"),
     ],
 )
 def test_bad_inputs_are_refused_by_name(flow, kwargs, message):
@@ -189,7 +268,8 @@ def test_k_diffusion_sampler_refuses_foreign_sigmas_only_for_bespoke(flow):
     assert torch.equal(
         sample_fitted(model, x, bespoke.sigmas, fitted=bespoke.to_dict()), bespoke.sample(flow["denoise"], x)
     )
-    other = torch.linspace(1.0, 0.0, 5, dtype=torch.float64)
+    other = torch.tensor([1.0, 0.9, 0.5, 0.2, 0.0], dtype=torch.float64)
+    assert not torch.allclose(other, bespoke.sigmas, atol=1e-3)
     with pytest.raises(ValueError, match="sigmas: this bespoke sampler was fitted for its own 4-step sigmas"):
         sample_fitted(model, x, other, fitted=bespoke.to_dict())
     steps_only = _fit(flow, 4, "multistep", "steps", iterations=3)
