@@ -220,6 +220,16 @@ def test_fit_starts_from_the_best_shift_of_the_given_schedule(flow):
     assert torch.allclose(unshifted.sigmas, given, atol=1e-12)
 
 
+def test_robust_objective_fits_and_reports_plain_means(flow):
+    robust = _fit(flow, 5, "multistep3", "bespoke", iterations=20, robust_quantile=0.9)
+    plain = _fit(flow, 5, "multistep3", "bespoke", iterations=20)
+    assert not torch.equal(robust.sigmas, plain.sigmas)
+    x = robust.sample(flow["denoise"], flow["calibration"])
+    errors = relative_error(x, flow["calibration_reference"])
+    assert robust.report["validation_error"] <= robust.report["start_validation_error"]
+    assert 0 < robust.report["calibration_error"] <= float(errors.max())
+
+
 def test_learning_rate_too_large_does_not_diverge(flow):
     fitted = _fit(flow, 6, "multistep", "bespoke", learning_rate=5.0, iterations=30)
     report = fitted.report
