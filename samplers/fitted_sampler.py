@@ -314,6 +314,7 @@ def fit_sampler(
     schedule_only_fraction: float = 0.25,
     correction_step: float = 0.5,
     start_shift_factors: tuple[float, ...] = START_SHIFT_FACTORS,
+    robust_quantile: float = 1.0,
 ) -> FittedSampler:
     """Fit ``steps`` intervals of ``solver`` to ``denoise`` on the calibration ``noise`` (at sigma 1).
 
@@ -322,6 +323,10 @@ def fit_sampler(
 
     The objective is the mean per-sample relative terminal error (:func:`relative_error`) against
     ``reference``, the sigma-0 endpoints of ``noise`` (None: computed by :func:`reference_solution`).
+    ``robust_quantile`` < 1 caps each sample's error at the previous iteration's quantile of them, so the
+    few noises near a boundary between modes (which a few-step solver sends to one side or the other)
+    pull no harder than the rest; it narrows the gap between calibration and held-out error but raised
+    the held-out error itself on the benchmark, hence off by default. Reported errors are plain means.
     ``fit="steps"`` fits only the sigmas (monotone by construction: softmax increments, endpoints 1 and 0
     fixed); ``"bespoke"`` also fits the per-step corrections of the solver's coefficients, with
     ``weight_decay`` pulling them back to the base solver; they move only after the first
@@ -354,6 +359,8 @@ def fit_sampler(
     if not 0.0 <= schedule_only_fraction <= 1.0:
         raise ValueError(f"schedule_only_fraction must lie in [0, 1], got {schedule_only_fraction!r}")
     correction_step = _check_nonnegative(correction_step, "correction_step")
+    if not 0.0 < robust_quantile <= 1.0:
+        raise ValueError(f"robust_quantile must lie in (0, 1], got {robust_quantile!r}")
     if any(not (isinstance(f, Real) and math.isfinite(f) and f > 0) for f in start_shift_factors):
         raise ValueError(f"start_shift_factors must be finite numbers > 0, got {start_shift_factors!r}")
     if start_sigmas is None:
@@ -407,6 +414,7 @@ def fit_sampler(
         with torch.no_grad():
             return float(error(indices, _sigmas_from_logits(logits), corrections * mask))
 
+    cap = None  # per-sample error cap: the previous iteration's robust_quantile of the errors
     optimizer = torch.optim.Adam(parameters)
     # Cosine decay to 1/20: large early moves find the schedule's shape, small late ones settle it.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -421,17 +429,24 @@ def fit_sampler(
     undone = 0
     for iteration in range(1, iterations + 1):
         optimizer.zero_grad(set_to_none=True)
+        errors = []
         with torch.enable_grad():
             penalty = weight_decay * (corrections * mask).square().sum()
             total = penalty.detach()
             for part in calibration.split(chunk):
                 # a fresh graph per chunk: backward frees the previous one
                 x = run_solver(counted, noise[part], _sigmas_from_logits(logits), solver, corrections * mask)
-                loss = relative_error(x, reference[part]).sum() / calibration.numel()
+                per_sample = relative_error(x, reference[part])
+                errors.append(per_sample.detach())
+                if cap is not None:
+                    per_sample = torch.minimum(per_sample, cap)
+                loss = per_sample.sum() / calibration.numel()
                 loss.backward()
                 total = total + loss.detach()
             if fit == "bespoke":
                 penalty.backward()
+        if robust_quantile < 1.0:
+            cap = torch.cat(errors).quantile(robust_quantile)
         grads = [p.grad for p in (logits, corrections) if p.grad is not None]
         if not all(bool(torch.isfinite(g).all()) for g in grads) or not math.isfinite(float(total.detach())):
             _restore(best, logits, corrections)

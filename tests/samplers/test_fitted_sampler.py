@@ -90,9 +90,9 @@ def test_fit_lowers_calibration_and_held_out_error(flow, solver, fit, steps):
 
 
 def test_sigmas_monotone_endpoints_fixed_and_reproducible(flow):
-    first = _fit(flow, 5, "multistep", "bespoke", seed=3, iterations=20)
-    again = _fit(flow, 5, "multistep", "bespoke", seed=3, iterations=20)
-    other = _fit(flow, 5, "multistep", "bespoke", seed=4, iterations=20)
+    first = _fit(flow, 5, "multistep", "bespoke", seed=3, iterations=40)
+    again = _fit(flow, 5, "multistep", "bespoke", seed=3, iterations=40)
+    other = _fit(flow, 5, "multistep", "bespoke", seed=4, iterations=40)
     sigmas = first.sigmas
     assert sigmas.shape == (6,) and float(sigmas[0]) == 1.0 and float(sigmas[-1]) == 0.0
     assert bool((sigmas[1:] < sigmas[:-1]).all())
@@ -220,6 +220,16 @@ def test_fit_starts_from_the_best_shift_of_the_given_schedule(flow):
     assert torch.allclose(unshifted.sigmas, given, atol=1e-12)
 
 
+def test_robust_objective_fits_and_reports_plain_means(flow):
+    robust = _fit(flow, 5, "multistep3", "bespoke", iterations=20, robust_quantile=0.9)
+    plain = _fit(flow, 5, "multistep3", "bespoke", iterations=20)
+    assert not torch.equal(robust.sigmas, plain.sigmas)
+    x = robust.sample(flow["denoise"], flow["calibration"])
+    errors = relative_error(x, flow["calibration_reference"])
+    assert robust.report["validation_error"] <= robust.report["start_validation_error"]
+    assert 0 < robust.report["calibration_error"] <= float(errors.max())
+
+
 def test_learning_rate_too_large_does_not_diverge(flow):
     fitted = _fit(flow, 6, "multistep", "bespoke", learning_rate=5.0, iterations=30)
     report = fitted.report
@@ -237,6 +247,7 @@ def test_learning_rate_too_large_does_not_diverge(flow):
         ({"start_sigmas": torch.tensor([1.0, 0.7, 0.8, 0.0])}, "strictly descending"),
         ({"schedule_only_fraction": 1.5}, "schedule_only_fraction must lie in"),
         ({"correction_step": -1.0}, "correction_step must be a finite number >= 0"),
+        ({"robust_quantile": 0.0}, "robust_quantile must lie in"),
         ({"start_shift_factors": (1.0, 0.0)}, "start_shift_factors must be finite numbers > 0"),
     ],
 )
