@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lumina_turbo.devtools.prompts import encode, tiny_loader
+from lumina_turbo.devtools.prompts import encode, fit_sampler, tiny_loader
 
 BUDGETS = (8,)
 HELD_OUT = 8
@@ -100,19 +100,10 @@ def run() -> dict:
         for solver, fit in (("multistep3", "steps"), ("multistep3", "bespoke")):
 
             def fit_node(g, guider, latent, solver=solver, fit=fit, budget=budget):
-                node = g.node(
-                    "LTFitSampler",
-                    guider=guider.out(0),
-                    latent=latent.out(0),
-                    steps=budget,
-                    solver=solver,
-                    fit=fit,
-                    calibration_samples=CALIBRATION,
-                    iterations=ITERATIONS,
-                    batch_size=CALIBRATION,
-                    seed=0,
-                )
-                return node
+                return fit_sampler(
+                    g, guider.out(0), latent.out(0), steps=budget, solver=solver, fit=fit,
+                    calibration_samples=CALIBRATION, iterations=ITERATIONS, batch_size=CALIBRATION,
+                )  # fmt: skip
 
             began = time.perf_counter()
             x = _sample(host, fit_node, sigmas_node=lambda node: node.out(1))

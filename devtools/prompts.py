@@ -38,6 +38,15 @@ def ksampler(g, model, positive, negative, latent, *, seed=1, steps=2, cfg=1.0, 
                   denoise=denoise)  # fmt: skip
 
 
+def fit_sampler(
+    g, guider, latent, *, steps, solver, fit, calibration_samples, iterations, batch_size, seed=0
+):
+    """LTFitSampler on a GUIDER and a LATENT output reference."""
+    return g.node("LTFitSampler", guider=guider, latent=latent, steps=steps, solver=solver, fit=fit,
+                  calibration_samples=calibration_samples, iterations=iterations, batch_size=batch_size,
+                  seed=seed)  # fmt: skip
+
+
 def save_latent(g, samples, prefix: str):
     return g.node("SaveLatent", samples=samples, filename_prefix=prefix)
 

@@ -437,7 +437,8 @@ def fit_sampler(
                 # a fresh graph per chunk: backward frees the previous one
                 x = run_solver(counted, noise[part], _sigmas_from_logits(logits), solver, corrections * mask)
                 per_sample = relative_error(x, reference[part])
-                errors.append(per_sample.detach())
+                if robust_quantile < 1.0:
+                    errors.append(per_sample.detach())
                 if cap is not None:
                     per_sample = torch.minimum(per_sample, cap)
                 loss = per_sample.sum() / calibration.numel()

@@ -18,6 +18,7 @@ from test_nextdit_parity import CAP_LEN, make_inputs, rel_err
 
 from lumina_turbo.devtools import tiny_factory
 from lumina_turbo.devtools.harness import PromptFailed, graph
+from lumina_turbo.devtools.prompts import empty_latent, ksampler, save_latent
 from lumina_turbo.devtools.scaled_fp8 import write_scaled_fp8, write_scaled_fp8_text_encoder
 from lumina_turbo.devtools.training_support import one_thread  # noqa: F401 (autouse: one torch thread)
 
@@ -56,12 +57,9 @@ def sampling_prompt(inputs):
     g = graph()
     loader = g.node("LTModelLoader", **inputs)
     cond = g.node("CLIPTextEncode", text="a red cat", clip=loader.out(1))
-    latent = g.node("EmptySD3LatentImage", width=64, height=64, batch_size=1)
-    sampled = g.node(
-        "KSampler", model=loader.out(0), positive=cond.out(0), negative=cond.out(0), latent_image=latent.out(0),
-        seed=4, steps=2, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0,
-    )  # fmt: skip
-    g.node("SaveLatent", samples=sampled.out(0), filename_prefix="fp8")
+    latent = empty_latent(g, width=64, height=64)
+    sampled = ksampler(g, loader.out(0), cond.out(0), cond.out(0), latent.out(0), seed=4, steps=2)
+    save_latent(g, sampled.out(0), "fp8")
     return g.finalize(), {"loader": loader.id, "cond": cond.id}
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lumina_turbo.devtools.harness import PromptFailed, graph
-from lumina_turbo.devtools.prompts import encode, tiny_loader
+from lumina_turbo.devtools.prompts import empty_latent, encode, fit_sampler, tiny_loader
 from lumina_turbo.devtools.training_support import one_thread  # noqa: F401 (autouse: one torch thread)
 
 
@@ -13,19 +13,11 @@ def fit_and_sample(steps=3, solver="multistep", fit="bespoke", iterations=4, sam
     loader = tiny_loader(g, "lumina2")
     pos, neg = encode(g, "lumina2", loader.out(1), "a red cat"), encode(g, "lumina2", loader.out(1), "blurry")
     guide = g.node(guider, model=loader.out(0), positive=pos.out(0), negative=neg.out(0), cfg=3.0)
-    latent = g.node("EmptySD3LatentImage", width=64, height=64, batch_size=1)
-    fitted = g.node(
-        "LTFitSampler",
-        guider=guide.out(0),
-        latent=latent.out(0),
-        steps=steps,
-        solver=solver,
-        fit=fit,
-        calibration_samples=samples,
-        iterations=iterations,
-        batch_size=4,
-        seed=0,
-    )
+    latent = empty_latent(g, width=64, height=64)
+    fitted = fit_sampler(
+        g, guide.out(0), latent.out(0), steps=steps, solver=solver, fit=fit, calibration_samples=samples,
+        iterations=iterations, batch_size=4,
+    )  # fmt: skip
     sampled = g.node(
         "SamplerCustomAdvanced",
         noise=g.node("RandomNoise", noise_seed=3).out(0),

@@ -23,7 +23,7 @@ import torch
 
 from lumina_turbo.devtools.example_dataset import write_concept_dataset
 from lumina_turbo.devtools.harness import graph
-from lumina_turbo.devtools.prompts import trainer_inputs
+from lumina_turbo.devtools.prompts import empty_latent, ksampler, save_latent, trainer_inputs
 from lumina_turbo.devtools.training_support import build, one_thread, small_config, tiny_family  # noqa: F401
 from lumina_turbo.training import engine
 
@@ -193,12 +193,9 @@ def held_out_loss(comfy_host, lora_name, held_out, caplog):
     lora = g.node("LoraLoader", model=load.out(0), clip=load.out(1), lora_name=lora_name, strength_model=1.0,
                   strength_clip=1.0)  # fmt: skip
     cond = g.node("CLIPTextEncode", text="a photo of ltconcept", clip=lora.out(1))
-    latent = g.node("EmptySD3LatentImage", width=64, height=64, batch_size=1)
-    sampled = g.node(
-        "KSampler", model=lora.out(0), positive=cond.out(0), negative=cond.out(0), latent_image=latent.out(0),
-        seed=0, steps=1, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0,
-    )  # fmt: skip
-    g.node("SaveLatent", samples=sampled.out(0), filename_prefix="fp8_lora")
+    latent = empty_latent(g, width=64, height=64)
+    sampled = ksampler(g, lora.out(0), cond.out(0), cond.out(0), latent.out(0), seed=0, steps=1)
+    save_latent(g, sampled.out(0), "fp8_lora")
     prompt = g.finalize()
     caplog.clear()
     with caplog.at_level(logging.WARNING):
