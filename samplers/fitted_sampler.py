@@ -315,6 +315,7 @@ def fit_sampler(
     correction_step: float = 0.5,
     start_shift_factors: tuple[float, ...] = START_SHIFT_FACTORS,
     robust_quantile: float = 1.0,
+    samples_per_iteration: int | None = None,
 ) -> FittedSampler:
     """Fit ``steps`` intervals of ``solver`` to ``denoise`` on the calibration ``noise`` (at sigma 1).
 
@@ -338,7 +339,10 @@ def fit_sampler(
     is undone and the learning rate halved. ``chunk`` bounds the batch of one model call.
     ``start_sigmas``: the starting schedule (default uniform; pass the model's own); the fit starts from
     whichever of its time shifts by ``start_shift_factors`` has the lowest calibration error (``()``: as
-    given). ``progress(done, total)`` is called once per iteration.
+    given). ``samples_per_iteration``: each iteration's gradient comes from that many calibration samples
+    drawn afresh (None: all of them), so a large calibration set, which the rare noises near a boundary
+    between modes need to be represented, costs no more per iteration. ``progress(done, total)`` is called
+    once per iteration.
 
     The returned sampler's ``report`` holds the calibration (optimised part), validation and starting
     errors and the cost: model calls and sample evaluations of the reference and of the fit (a backward
@@ -349,6 +353,8 @@ def fit_sampler(
     check_fit(fit)
     iterations = _check_positive_int(iterations, "iterations", low=0)
     weight_decay = _check_nonnegative(weight_decay, "weight_decay")
+    if samples_per_iteration is not None:
+        samples_per_iteration = _check_positive_int(samples_per_iteration, "samples_per_iteration")
     learning_rate = _check_nonnegative(learning_rate, "learning_rate")
     if not isinstance(noise, torch.Tensor) or noise.ndim < 2 or noise.shape[0] < 2:
         raise ValueError("noise must be a batch tensor [B, ...] of at least 2 calibration samples")
@@ -430,10 +436,14 @@ def fit_sampler(
     for iteration in range(1, iterations + 1):
         optimizer.zero_grad(set_to_none=True)
         errors = []
+        batch = calibration
+        if samples_per_iteration is not None and samples_per_iteration < calibration.numel():
+            drawn = torch.randperm(calibration.numel(), generator=generator)[:samples_per_iteration]
+            batch = calibration[drawn.to(calibration.device)]
         with torch.enable_grad():
             penalty = weight_decay * (corrections * mask).square().sum()
             total = penalty.detach()
-            for part in calibration.split(chunk):
+            for part in batch.split(chunk):
                 # a fresh graph per chunk: backward frees the previous one
                 x = run_solver(counted, noise[part], _sigmas_from_logits(logits), solver, corrections * mask)
                 per_sample = relative_error(x, reference[part])
@@ -441,7 +451,7 @@ def fit_sampler(
                     errors.append(per_sample.detach())
                 if cap is not None:
                     per_sample = torch.minimum(per_sample, cap)
-                loss = per_sample.sum() / calibration.numel()
+                loss = per_sample.sum() / batch.numel()
                 loss.backward()
                 total = total + loss.detach()
             if fit == "bespoke":

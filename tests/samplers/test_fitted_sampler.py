@@ -220,6 +220,19 @@ def test_fit_starts_from_the_best_shift_of_the_given_schedule(flow):
     assert torch.allclose(unshifted.sigmas, given, atol=1e-12)
 
 
+def test_samples_per_iteration_draws_fresh_batches_at_their_cost(flow):
+    def fit(**kwargs):
+        return _fit(flow, 4, "multistep3", "bespoke", iterations=6, **kwargs)
+
+    full, drawn, again = fit(), fit(samples_per_iteration=64), fit(samples_per_iteration=64)
+    optimised = full.report["calibration_samples"]
+    saved = full.report["fit_cost"]["samples"] - drawn.report["fit_cost"]["samples"]
+    assert saved == 6 * (optimised - 64) * 4  # 6 iterations x 4 calls: only the gradient batch shrinks
+    assert torch.equal(drawn.sigmas, again.sigmas) and torch.equal(drawn.corrections, again.corrections)
+    assert not torch.equal(drawn.sigmas, full.sigmas)
+    assert drawn.report["validation_error"] < drawn.report["start_validation_error"]
+
+
 def test_robust_objective_fits_and_reports_plain_means(flow):
     robust = _fit(flow, 5, "multistep3", "bespoke", iterations=20, robust_quantile=0.9)
     plain = _fit(flow, 5, "multistep3", "bespoke", iterations=20)
@@ -249,6 +262,7 @@ def test_learning_rate_too_large_does_not_diverge(flow):
         ({"correction_step": -1.0}, "correction_step must be a finite number >= 0"),
         ({"robust_quantile": 0.0}, "robust_quantile must lie in"),
         ({"start_shift_factors": (1.0, 0.0)}, "start_shift_factors must be finite numbers > 0"),
+        ({"samples_per_iteration": 0}, "samples_per_iteration must be"),
     ],
 )
 def test_bad_inputs_are_refused_by_name(flow, kwargs, message):
