@@ -39,12 +39,12 @@ def ksampler(g, model, positive, negative, latent, *, seed=1, steps=2, cfg=1.0, 
 
 
 def fit_sampler(
-    g, guider, latent, *, steps, solver, fit, calibration_samples, iterations, batch_size, seed=0
+    g, guider, latent, *, steps, solver, fit, calibration_samples, iterations, batch_size, seed=0, **optional
 ):
-    """LTFitSampler on a GUIDER and a LATENT output reference."""
+    """LTFitSampler on a GUIDER and a LATENT output reference (``optional``: e.g. samples_per_iteration)."""
     return g.node("LTFitSampler", guider=guider, latent=latent, steps=steps, solver=solver, fit=fit,
                   calibration_samples=calibration_samples, iterations=iterations, batch_size=batch_size,
-                  seed=seed)  # fmt: skip
+                  seed=seed, **optional)  # fmt: skip
 
 
 def save_latent(g, samples, prefix: str):

@@ -1,5 +1,7 @@
 """LTFitSampler through ComfyUI's real executor on a tiny random Lumina-2: fit, sample, disk cache, errors."""
 
+import json
+
 import pytest
 import torch
 
@@ -8,7 +10,9 @@ from lumina_turbo.devtools.prompts import empty_latent, encode, fit_sampler, tin
 from lumina_turbo.devtools.training_support import one_thread  # noqa: F401 (autouse: one torch thread)
 
 
-def fit_and_sample(steps=3, solver="multistep", fit="bespoke", iterations=4, samples=8, guider="CFGGuider"):
+def fit_and_sample(
+    steps=3, solver="multistep", fit="bespoke", iterations=4, samples=8, guider="CFGGuider", **optional
+):
     g = graph()
     loader = tiny_loader(g, "lumina2")
     pos, neg = encode(g, "lumina2", loader.out(1), "a red cat"), encode(g, "lumina2", loader.out(1), "blurry")
@@ -16,7 +20,7 @@ def fit_and_sample(steps=3, solver="multistep", fit="bespoke", iterations=4, sam
     latent = empty_latent(g, width=64, height=64)
     fitted = fit_sampler(
         g, guide.out(0), latent.out(0), steps=steps, solver=solver, fit=fit, calibration_samples=samples,
-        iterations=iterations, batch_size=4,
+        iterations=iterations, batch_size=4, **optional,
     )  # fmt: skip
     sampled = g.node(
         "SamplerCustomAdvanced",
@@ -77,12 +81,24 @@ def test_sampling_costs_the_budget_and_the_fit_sees_the_calibration_batch(comfy_
     assert rows[:-8] and all(count in (2, 4) for count in rows[:-8])
 
 
+def test_samples_per_iteration_shrinks_each_gradient_batch(comfy_host):
+    def fit_cost(**optional):
+        before = set(_cache_files(comfy_host))
+        comfy_host.run(fit_and_sample(steps=2, iterations=3, samples=8, seed=5, **optional))
+        (written,) = set(_cache_files(comfy_host)) - before
+        return json.loads(written.read_text())["report"]["fit_cost"]["samples"]
+
+    # 8 samples: 6 optimised, 2 held back; 3 iterations x 2 calls; drawn batches of 2 instead of 6
+    assert fit_cost() - fit_cost(samples_per_iteration=2) == 3 * 2 * (6 - 2)
+
+
 @pytest.mark.parametrize(
     ("changes", "pattern"),
     [
         ({"steps": 0}, "steps"),
         ({"solver": "rk45"}, "solver"),
         ({"samples": 2000}, "calibration_samples"),
+        ({"samples_per_iteration": -1}, "samples_per_iteration"),
     ],
 )
 def test_bad_inputs_refused(comfy_host, changes, pattern):
