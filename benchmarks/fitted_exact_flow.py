@@ -158,6 +158,7 @@ def _fit(mixture, calibration, held_out, reference, fresh, shift, budget, solver
         "fresh_error": fresh_error,
         "fresh_over_calibration": fresh_error / report["calibration_error"],
         "best_iteration": report["best_iteration"],
+        "euler_at_final": fitted.euler_at_final,
         "reference_sample_calls": report["reference_cost"]["samples"],
         "fit_sample_calls": report["fit_cost"]["samples"],
         "fit_seconds": seconds,
@@ -269,6 +270,7 @@ def _summary(models) -> dict:
                 "fresh_over_calibration_worst": max(f["fresh_over_calibration"] for f in fits),
                 "fit_sample_calls": max(f["fit_sample_calls"] + f["reference_sample_calls"] for f in fits),
                 "fit_seconds_mean": sum(f["fit_seconds"] for f in fits) / len(fits),
+                "euler_at_final_fits": sum(f["euler_at_final"] for f in fits),
             }
         summary[variant] = per_budget
     return summary
@@ -313,6 +315,20 @@ def _table(models) -> str:
         ]
         seconds = sum(per_budget[n]["fit_seconds_mean"] for n in NFE_BUDGETS) / len(NFE_BUDGETS)
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {seconds:.1f} |")
+    lines += [
+        "",
+        "Final interval, as each fit chose it on validation: fits (of "
+        f"{len(models)} per cell) whose last step to sigma 0 is Euler (x = D) rather than extrapolated",
+        "",
+        "| fitted variant | " + " | ".join(f"NFE {n}" for n in NFE_BUDGETS) + " |",
+        "|---|" + "---:|" * len(NFE_BUDGETS),
+    ]
+    for variant, per_budget in summary.items():
+        lines.append(
+            f"| {variant} | "
+            + " | ".join(str(per_budget[n]["euler_at_final_fits"]) for n in NFE_BUDGETS)
+            + " |"
+        )
     lines += [
         "",
         "Best built-in pair per model (own shift / hindsight) and error, NFE 8",

@@ -55,7 +55,7 @@ CORRECTED_TERMS = {
 START_SHIFT_FACTORS = (1 / 3, 1 / 2, 1.0, 2.0, 3.0)
 MIN_INTERVAL = 1e-4  # of a fitted schedule: no interior sigma at (or rounded to) 0
 REFERENCE_STEPS = 64  # midpoint intervals of the fine-step reference solve (2 calls each)
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def model_calls_for(solver: str, steps: int) -> int:
@@ -129,6 +129,7 @@ def run_solver(
     solver: str,
     corrections: torch.Tensor | None = None,
     callback=None,
+    euler_at_final: bool = True,
 ) -> torch.Tensor:
     """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` (ComfyUI sigma, 1 = noise) with ``solver``.
 
@@ -147,6 +148,7 @@ def run_solver(
         if callback is not None:
             callback(i, x, denoised)
         ratio = sigma_next / sigma
+        first_order = euler_at_final and i == steps - 1 and float(sigma_next.detach()) == 0.0
         a = b = c = d = 0.0
         if corrections is not None:
             a, b, c, d = corrections[i, 0], corrections[i, 1], corrections[i, 2], corrections[i, 3]
@@ -158,7 +160,7 @@ def run_solver(
             x = x + a * x_mid + b * denoised_mid + c * (denoised_mid - denoised)
             continue
         c1 = c2 = 0.0
-        if order >= 2 and previous:
+        if order >= 2 and previous and not first_order:
             older_sigma = sigmas[i - 2] if order >= 3 and len(previous) == 2 else None
             c1, c2 = _extrapolation_coefficients(sigma, sigma_next, sigmas[i - 1], older_sigma)
         difference = denoised - previous[-1] if previous else 0.0
@@ -188,6 +190,7 @@ class FittedSampler:
     fit: str
     corrections: torch.Tensor
     report: dict = field(default_factory=dict)
+    euler_at_final: bool = True
 
     @property
     def steps(self) -> int:
@@ -202,7 +205,15 @@ class FittedSampler:
         """Sample from ``x`` at sigma 1 (pure noise) to the data estimate at sigma 0."""
         sigmas = self.sigmas.to(device=x.device, dtype=x.dtype)
         corrections = self.corrections.to(device=x.device, dtype=x.dtype)
-        return run_solver(denoise, x, sigmas, self.solver, corrections, callback=callback)
+        return run_solver(
+            denoise,
+            x,
+            sigmas,
+            self.solver,
+            corrections,
+            callback=callback,
+            euler_at_final=self.euler_at_final,
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -211,6 +222,7 @@ class FittedSampler:
             "fit": self.fit,
             "sigmas": [float(v) for v in self.sigmas.tolist()],
             "corrections": [[float(v) for v in row] for row in self.corrections.tolist()],
+            "euler_at_final": self.euler_at_final,
             "report": self.report,
         }
 
@@ -227,8 +239,16 @@ class FittedSampler:
             torch.isfinite(corrections).all()
         ):
             raise ValueError(f"fitted corrections must be finite, one row of {CORRECTION_TERMS} per interval")
+        euler_at_final = data.get("euler_at_final")
+        if not isinstance(euler_at_final, bool):
+            raise ValueError(f"euler_at_final must be true or false, got {euler_at_final!r}")
         return cls(
-            sigmas, check_solver(data["solver"]), check_fit(data["fit"]), corrections, data.get("report", {})
+            sigmas,
+            check_solver(data["solver"]),
+            check_fit(data["fit"]),
+            corrections,
+            data.get("report", {}),
+            euler_at_final,
         )
 
     @classmethod
@@ -316,6 +336,7 @@ def fit_sampler(
     start_shift_factors: tuple[float, ...] = START_SHIFT_FACTORS,
     robust_quantile: float = 1.0,
     samples_per_iteration: int | None = None,
+    euler_at_final: bool | None = None,
 ) -> FittedSampler:
     """Fit ``steps`` intervals of ``solver`` to ``denoise`` on the calibration ``noise`` (at sigma 1).
 
@@ -385,6 +406,32 @@ def fit_sampler(
         )
     reference_cost = {"calls": counted.calls, "samples": counted.samples}
     counted.calls = counted.samples = 0
+    if euler_at_final is None:
+        if ORDER.get(solver, 1) < 2 or steps < 2 or iterations < 2:
+            euler_at_final = True  # no extrapolation to the final sigma to choose
+        else:
+            return _fit_choosing_final_step(
+                counted,
+                noise,
+                steps,
+                fit=fit,
+                reference=reference,
+                reference_cost=reference_cost,
+                start_sigmas=start_sigmas,
+                iterations=iterations,
+                schedule_only_fraction=schedule_only_fraction,
+                start_shift_factors=start_shift_factors,
+                progress=progress,
+                solver=solver,
+                seed=seed,
+                validation_fraction=validation_fraction,
+                learning_rate=learning_rate,
+                weight_decay=weight_decay,
+                chunk=chunk,
+                correction_step=correction_step,
+                robust_quantile=robust_quantile,
+                samples_per_iteration=samples_per_iteration,
+            )
 
     generator = torch.Generator().manual_seed(int(seed))
     order = torch.randperm(noise.shape[0], generator=generator).to(noise.device)
@@ -395,7 +442,7 @@ def fit_sampler(
     def error(indices, sigmas, coefficients) -> torch.Tensor:
         values = []
         for part in indices.split(chunk):
-            x = run_solver(counted, noise[part], sigmas, solver, coefficients)
+            x = run_solver(counted, noise[part], sigmas, solver, coefficients, euler_at_final=euler_at_final)
             values.append(relative_error(x, reference[part]))
         return torch.cat(values).mean()
 
@@ -445,7 +492,14 @@ def fit_sampler(
             total = penalty.detach()
             for part in batch.split(chunk):
                 # a fresh graph per chunk: backward frees the previous one
-                x = run_solver(counted, noise[part], _sigmas_from_logits(logits), solver, corrections * mask)
+                x = run_solver(
+                    counted,
+                    noise[part],
+                    _sigmas_from_logits(logits),
+                    solver,
+                    corrections * mask,
+                    euler_at_final=euler_at_final,
+                )
                 per_sample = relative_error(x, reference[part])
                 if robust_quantile < 1.0:
                     errors.append(per_sample.detach())
@@ -504,6 +558,7 @@ def fit_sampler(
         solver=solver,
         fit=fit,
         corrections=(corrections * mask).detach().to(torch.float64).cpu(),
+        euler_at_final=euler_at_final,
     )
     result.report = {
         "steps": steps,
@@ -522,6 +577,81 @@ def fit_sampler(
         "reference_cost": reference_cost,
         "fit_cost": fit_cost,
     }
+    return result
+
+
+def _fit_choosing_final_step(
+    counted,
+    noise,
+    steps,
+    *,
+    fit,
+    reference,
+    reference_cost,
+    start_sigmas,
+    iterations,
+    schedule_only_fraction,
+    start_shift_factors,
+    progress,
+    **options,
+) -> FittedSampler:
+    """fit_sampler with ``euler_at_final=None``: the schedule alone is fitted both ways for the first
+    ``schedule_only_fraction`` of the iterations, and the full fit goes on from the one with the lower
+    validation error for the rest (the probes cost that fraction once more)."""
+    probe_iterations = max(1, int(iterations * schedule_only_fraction))
+    total = 2 * probe_iterations + iterations - probe_iterations
+
+    def reporting(offset):
+        return None if progress is None else lambda done, _: progress(offset + done, total)
+
+    probes = {
+        choice: fit_sampler(
+            counted,
+            noise,
+            steps,
+            fit="steps",
+            reference=reference,
+            start_sigmas=start_sigmas,
+            iterations=probe_iterations,
+            start_shift_factors=start_shift_factors,
+            euler_at_final=choice,
+            progress=reporting(index * probe_iterations),
+            **options,
+        )
+        for index, choice in enumerate((True, False))
+    }
+    chosen = min(probes, key=lambda choice: probes[choice].report["validation_error"])
+    probe = probes[chosen].report
+    result = fit_sampler(
+        counted,
+        noise,
+        steps,
+        fit=fit,
+        reference=reference,
+        start_sigmas=probes[chosen].sigmas,
+        iterations=iterations - probe_iterations,
+        schedule_only_fraction=0.0,
+        start_shift_factors=(),
+        euler_at_final=chosen,
+        progress=reporting(2 * probe_iterations),
+        **options,
+    )
+    report = result.report
+    best_iteration = report["best_iteration"]
+    report.update(
+        start_shift_factor=probe["start_shift_factor"],
+        start_calibration_error=probe["start_calibration_error"],
+        start_validation_error=probe["start_validation_error"],
+        best_iteration=probe_iterations + best_iteration if best_iteration else probe["best_iteration"],
+        iterations=iterations,
+        undone_steps=probe["undone_steps"] + report["undone_steps"],
+        final_step_validation_errors={
+            "euler": probes[True].report["validation_error"],
+            "extrapolated": probes[False].report["validation_error"],
+        },
+        reference_cost=reference_cost,
+        fit_cost={"calls": counted.calls, "samples": counted.samples},
+    )
     return result
 
 
@@ -561,4 +691,12 @@ def sample_fitted(model, x, sigmas, extra_args=None, callback=None, disable=None
         if callback is not None:
             callback({"x": state, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
 
-    return run_solver(denoise, x, sigmas.to(x.dtype), sampler.solver, corrections, callback=report)
+    return run_solver(
+        denoise,
+        x,
+        sigmas.to(x.dtype),
+        sampler.solver,
+        corrections,
+        callback=report,
+        euler_at_final=sampler.euler_at_final,
+    )

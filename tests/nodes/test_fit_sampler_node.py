@@ -88,8 +88,9 @@ def test_samples_per_iteration_shrinks_each_gradient_batch(comfy_host):
         (written,) = set(_cache_files(comfy_host)) - before
         return json.loads(written.read_text())["report"]["fit_cost"]["samples"]
 
-    # 8 samples: 6 optimised, 2 held back; 3 iterations x 2 calls; drawn batches of 2 instead of 6
-    assert fit_cost() - fit_cost(samples_per_iteration=2) == 3 * 2 * (6 - 2)
+    # 8 samples: 6 optimised, 2 held back; drawn batches of 2 instead of 6; 2 calls per run; 3 iterations:
+    # one fitting the schedule with each final step (Euler, extrapolated), then 2 from the better one
+    assert fit_cost() - fit_cost(samples_per_iteration=2) == (2 + 2) * 2 * (6 - 2)
 
 
 @pytest.mark.parametrize(

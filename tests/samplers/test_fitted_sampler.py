@@ -123,19 +123,48 @@ def test_sampling_costs_exactly_the_budget(flow, solver, steps, calls):
     assert counter["calls"] == fitted.model_calls == model_calls_for(solver, steps) == calls
 
 
-@pytest.mark.parametrize(("solver", "order"), [("euler", 1), ("multistep", 2), ("midpoint", 2)])
-def test_base_solvers_converge_at_their_order(solver, order):
+SMOOTH_END = 0.25  # the order tests stop short of sigma 0: the interval to 0 is first order by design
+
+
+@pytest.fixture(scope="module")
+def smooth_flow():
     # Broad components keep the flow smooth, so 32-64 intervals are in the asymptotic regime.
     mixture = make_mixture(dim=4, components=3, std_range=(0.3, 0.5), seed=3)
     noise = torch.randn(64, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    reference = reference_solution(mixture, noise)
 
-    def error(steps):
-        sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-        return float(relative_error(run_solver(mixture.denoise, noise, sigmas, solver), reference).mean())
+    def velocity(sigma, flat):
+        return mixture.velocity(torch.from_numpy(flat).reshape(noise.shape), sigma).reshape(-1).numpy()
 
-    ratio = error(32) / error(64)
+    solution = scipy.integrate.solve_ivp(
+        velocity, (1.0, SMOOTH_END), noise.reshape(-1).numpy(), method="DOP853", rtol=1e-11, atol=1e-11
+    )
+    exact = torch.from_numpy(solution.y[:, -1].copy()).reshape(noise.shape)
+
+    def error(solver, intervals):
+        sigmas = torch.linspace(1.0, SMOOTH_END, intervals + 1, dtype=torch.float64)
+        return float(relative_error(run_solver(mixture.denoise, noise, sigmas, solver), exact).mean())
+
+    return error
+
+
+@pytest.mark.parametrize(("solver", "order"), [("euler", 1), ("multistep", 2), ("midpoint", 2)])
+def test_base_solvers_converge_at_their_order(smooth_flow, solver, order):
+    ratio = smooth_flow(solver, 32) / smooth_flow(solver, 64)
     assert 2**order * 0.8 < ratio < 2**order * 1.3
+
+
+@pytest.mark.parametrize("solver", ["euler", "multistep", "multistep3"])
+def test_interval_to_sigma_zero_is_first_order(solver):
+    # As dpmpp_2m and lms do: extrapolating D to sigma 0, where it changes fastest, costs more than it
+    # gains at few steps. The last interval returns the last prediction itself.
+    predictions = iter([torch.full((2, 3), v, dtype=torch.float64) for v in (0.9, -0.4, 0.7, 0.25)])
+
+    def denoise(x, sigma):
+        return next(predictions)
+
+    sigmas = torch.tensor([1.0, 0.7, 0.4, 0.1, 0.0], dtype=torch.float64)
+    x = run_solver(denoise, torch.randn(2, 3, dtype=torch.float64), sigmas, solver)
+    assert torch.equal(x, torch.full((2, 3), 0.25, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(
@@ -161,16 +190,9 @@ def test_multistep3_step_is_exact_for_a_quadratic_prediction(sigma, sigma_next, 
     assert step == pytest.approx(exact(x), abs=1e-12)
 
 
-def test_multistep3_beats_multistep_on_a_smooth_flow():
-    mixture = make_mixture(dim=4, components=3, std_range=(0.3, 0.5), seed=3)
-    noise = torch.randn(64, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    reference = reference_solution(mixture, noise)
-    sigmas = torch.linspace(1.0, 0.0, 33, dtype=torch.float64)
-    errors = {
-        solver: float(relative_error(run_solver(mixture.denoise, noise, sigmas, solver), reference).mean())
-        for solver in ("multistep", "multistep3")
-    }
-    assert errors["multistep3"] < errors["multistep"] / 5
+def test_multistep3_beats_multistep_on_a_smooth_flow(smooth_flow):
+    # (its first two intervals are lower order, so it is not 3rd order overall)
+    assert smooth_flow("multistep3", 32) < smooth_flow("multistep", 32) / 2
 
 
 def test_json_round_trip(flow):
@@ -222,7 +244,7 @@ def test_fit_starts_from_the_best_shift_of_the_given_schedule(flow):
 
 def test_samples_per_iteration_draws_fresh_batches_at_their_cost(flow):
     def fit(**kwargs):
-        return _fit(flow, 4, "multistep3", "bespoke", iterations=6, **kwargs)
+        return _fit(flow, 4, "multistep3", "bespoke", iterations=6, euler_at_final=True, **kwargs)
 
     full, drawn, again = fit(), fit(samples_per_iteration=64), fit(samples_per_iteration=64)
     optimised = full.report["calibration_samples"]
@@ -247,7 +269,8 @@ def test_learning_rate_too_large_does_not_diverge(flow):
     fitted = _fit(flow, 6, "multistep", "bespoke", learning_rate=5.0, iterations=30)
     report = fitted.report
     assert math.isfinite(report["validation_error"])
-    assert report["validation_error"] <= report["start_validation_error"]  # best iterate, start included
+    # the best iterate, start included (up to the rounding of a schedule passed from one stage to the next)
+    assert report["validation_error"] <= report["start_validation_error"] * (1 + 1e-12)
 
 
 @pytest.mark.parametrize(
