@@ -23,6 +23,10 @@ Solvers (``SOLVERS``):
   like DEIS's polynomial extrapolation); its first two intervals are Euler and ``multistep``.
 * ``midpoint``: the explicit midpoint rule of samplers/flow_solvers.py (2 calls per interval, never at
   sigma 0).
+
+The multistep solvers' last interval, to sigma 0, is either first order (``x' = D``, as dpmpp_2m and lms
+end: extrapolating D to sigma 0, where it changes fastest, costs more than it gains at few steps) or
+extrapolated like the others (better once the last sigma is small); a fit tries both (``euler_at_final``).
 """
 
 from __future__ import annotations
@@ -137,7 +141,8 @@ def run_solver(
     coefficients of x, D, (D - D_prev) and (D_prev - D_prev2); for ``midpoint`` D is the midpoint's
     prediction and D_prev the interval's first one (d unused). Differentiable in ``sigmas``,
     ``corrections`` and through ``denoise``. ``callback(i, x, denoised)`` is called once per interval
-    after its first model call.
+    after its first model call. ``euler_at_final``: a multistep solver's interval to sigma 0 is first
+    order (``x' = D`` before corrections), as dpmpp_2m and lms end; False extrapolates there too.
     """
     steps = sigmas.numel() - 1
     order = ORDER.get(solver, 1)
@@ -362,8 +367,11 @@ def fit_sampler(
     whichever of its time shifts by ``start_shift_factors`` has the lowest calibration error (``()``: as
     given). ``samples_per_iteration``: each iteration's gradient comes from that many calibration samples
     drawn afresh (None: all of them), so a large calibration set, which the rare noises near a boundary
-    between modes need to be represented, costs no more per iteration. ``progress(done, total)`` is called
-    once per iteration.
+    between modes need to be represented, costs no more per iteration. ``euler_at_final`` (multistep
+    solvers): whether the interval to sigma 0 is first order (see :func:`run_solver`); None fits the
+    schedule alone both ways for the first ``schedule_only_fraction`` of the iterations and goes on with
+    the way better on the validation split (``report["final_step_validation_errors"]``), which costs
+    that fraction of the iterations once more. ``progress(done, total)`` is called once per iteration.
 
     The returned sampler's ``report`` holds the calibration (optimised part), validation and starting
     errors and the cost: model calls and sample evaluations of the reference and of the fit (a backward

@@ -207,6 +207,36 @@ def test_json_round_trip(flow):
     assert torch.equal(restored.sample(flow["denoise"], x), fitted.sample(flow["denoise"], x))
 
 
+@pytest.mark.parametrize("euler_at_final", [True, False])
+def test_json_round_trip_keeps_the_final_step(flow, euler_at_final):
+    fitted = _fit(flow, 4, "multistep3", "steps", iterations=3, euler_at_final=euler_at_final)
+    restored = FittedSampler.from_json(fitted.to_json())
+    assert restored.euler_at_final is fitted.euler_at_final is euler_at_final
+    x = flow["held_out"][:16]
+    assert torch.equal(restored.sample(flow["denoise"], x), fitted.sample(flow["denoise"], x))
+    data = fitted.to_dict() | {"euler_at_final": "yes"}
+    with pytest.raises(ValueError, match="euler_at_final must be true or false"):
+        FittedSampler.from_dict(data)
+
+
+def test_fit_keeps_the_final_step_better_on_validation(flow):
+    steps, iterations = 4, 20
+    chosen = _fit(flow, steps, "multistep3", "bespoke", iterations=iterations)
+    report = chosen.report
+    errors = report["final_step_validation_errors"]
+    assert chosen.euler_at_final is (errors["euler"] <= errors["extrapolated"])
+    assert report["validation_error"] <= min(errors.values())  # goes on from the better probe
+    # the probes repeat the schedule-only quarter (and the starting shifts) once: far less than two fits
+    single = _fit(flow, steps, "multistep3", "bespoke", iterations=iterations, euler_at_final=True)
+    assert 1.2 < report["fit_cost"]["samples"] / single.report["fit_cost"]["samples"] < 1.6
+    # the other way, fitted alone from the same probe, is no better on validation at its probe's end
+    assert min(errors.values()) == pytest.approx(
+        _fit(flow, steps, "multistep3", "steps", iterations=5, euler_at_final=chosen.euler_at_final).report[
+            "validation_error"
+        ]
+    )
+
+
 def test_reference_is_computed_and_its_cost_reported(flow):
     fitted = fit_sampler(flow["denoise"], flow["calibration"][:32], 4, iterations=2, start_sigmas=_start(4))
     cost = fitted.report["reference_cost"]
