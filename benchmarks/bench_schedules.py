@@ -28,7 +28,7 @@ uniform schedule, for every center), solvers euler / heun / dpmpp_2m / flow_midp
 each setting's terminal error is reported relative to uniform with the same solver and budget. The defaults
 of LTSigmoidScheduler / ``lt_sigmoid`` and what the docs say about them come from this table.
 
-Fitted samplers (LTFitSampler, samplers/fitted_sampler.py): benchmarks/fitted_exact_flow.py (the same mixtures,
+Fitted samplers (LTFitSampler, samplers/fitting.py): benchmarks/fitted_exact_flow.py (the same mixtures,
 each with its own shift 1 or 3, against every built-in scheduler x ODE sampler at that shift and in hindsight
 over shifts) and benchmarks/fitted_nextdit.py (a tiny random NextDiT through the real nodes).
 About two minutes on 2 CPU cores without the fitted part; the fits take tens of minutes.

@@ -1,4 +1,4 @@
-"""Fitted few-step samplers (samplers/fitted_sampler.py) against every built-in pair, on exact flows.
+"""Fitted few-step samplers (samplers/fitting.py) against every built-in pair, on exact flows.
 
 Part of ``python -m benchmarks schedules``. Time convention: ComfyUI sigma (1 = noise, 0 = data).
 
@@ -115,7 +115,8 @@ def _best(errors: dict, budget: int) -> tuple[str, float]:
 
 def _fit(mixture, calibration, held_out, reference, fresh, shift, budget, solver, fit, seed) -> dict:
     from lumina_turbo.benchmarks.exact_flow import make_denoiser
-    from lumina_turbo.samplers.fitted_sampler import CALLS_PER_INTERVAL, fit_sampler
+    from lumina_turbo.samplers.fitted_sampler import CALLS_PER_INTERVAL
+    from lumina_turbo.samplers.fitting import fit_sampler
     from lumina_turbo.samplers.schedules import time_shift
 
     steps = budget // CALLS_PER_INTERVAL[solver]
@@ -177,7 +178,7 @@ def _mixture_models(mixture_name: str) -> list[dict]:
     from lumina_turbo.benchmarks.bench_schedules import MIXTURES
     from lumina_turbo.benchmarks.exact_flow import make_denoiser, make_mixture, reference_solution
     from lumina_turbo.patches.stock_lists import SCHEDULER_NAMES as OURS
-    from lumina_turbo.samplers.fitted_sampler import reference_solution as fitted_reference
+    from lumina_turbo.samplers.fitting import reference_solution as fitted_reference
 
     schedulers = [name for name in comfy.samplers.SCHEDULER_NAMES if name not in OURS]
     samplers = _builtin_samplers()

@@ -1,6 +1,6 @@
 """LTFitSampler: fits few-step sigmas (and a bespoke solver) to a GUIDER; SAMPLER + SIGMAS + plot IMAGE.
 
-Node glue only: the fit is samplers/fitted_sampler.py. The denoiser it fits to is the guider itself,
+Node glue only: the fit is samplers/fitting.py. The denoiser it fits to is the guider itself,
 run through ComfyUI's own sampling (``guider.sample`` with a SAMPLER whose function performs the fit),
 so the model is loaded by ComfyUI's model management and every wrapper, patch and cfg setting of the
 guider applies exactly as when sampling. Gradients flow through the model to its input on a clone of
@@ -31,9 +31,9 @@ from ..samplers.fitted_sampler import (
     FORMAT_VERSION,
     SOLVERS,
     FittedSampler,
-    fit_sampler,
     sample_fitted,
 )
+from ..samplers.fitting import fit_sampler
 from .input_checks import checked_execution, checked_validation
 from .sigma_plot import sigma_plot
 

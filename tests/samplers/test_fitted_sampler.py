@@ -11,11 +11,11 @@ from lumina_turbo.benchmarks.exact_flow import make_mixture, reference_solution
 from lumina_turbo.samplers.fitted_sampler import (
     FittedSampler,
     _extrapolation_coefficients,
-    fit_sampler,
     model_calls_for,
     relative_error,
     run_solver,
 )
+from lumina_turbo.samplers.fitting import fit_sampler
 from lumina_turbo.samplers.schedules import time_shift
 
 ITERATIONS = 60  # enough to move clearly away from the start; the benchmark runs the default
