@@ -5,8 +5,8 @@ returns the x0 prediction of a batch, ``sigma`` a [B] tensor.
 
 The objective is the mean relative terminal error against a fine-step reference from the same noise. The
 bespoke corrections start at 0 (the base solver) and stay there for the first quarter of the iterations (the
-schedule is fitted first), then move with steps sized to the error left, are pulled back to 0 by weight
-decay, and the iterate kept is the one with the lowest error on a validation split of the calibration noise
+schedule is fitted first), then move with steps sized to the error left (ramped up from 0), are pulled back
+to 0 by weight decay, and the iterate kept is the one with the lowest error on a validation split of the calibration noise
 that the optimiser never saw, so the fit can only end at or below its starting schedule on that split.
 """
 
@@ -114,6 +114,7 @@ def fit_sampler(
     progress=None,
     schedule_only_fraction: float = 0.25,
     correction_step: float = 0.5,
+    correction_warmup: float = 0.2,
     start_shift_factors: tuple[float, ...] = START_SHIFT_FACTORS,
     robust_quantile: float = 1.0,
     samples_per_iteration: int | None = None,
@@ -134,11 +135,13 @@ def fit_sampler(
     fixed); ``"bespoke"`` also fits the per-step corrections of the solver's coefficients, with
     ``weight_decay`` pulling them back to the base solver; they move only after the first
     ``schedule_only_fraction`` of the iterations (the sigmas alone first), with a learning rate of
-    ``correction_step`` times the validation error reached by then. A random ``validation_fraction`` of the noise
-    (split by ``seed``) is held out of the optimisation; the iterate with the lowest validation error is
-    returned (the start included). Adam with ``learning_rate`` (cosine decay), the gradient norms of the
-    sigmas and of the corrections clipped apart; a non-finite step
-    is undone and the learning rate halved. ``chunk`` bounds the batch of one model call.
+    ``correction_step`` times the validation error reached by then, ramped up linearly from 0 over the
+    next ``correction_warmup`` of the iterations (Adam's first steps move every correction by the full
+    rate at once, which on flows with sharp modes sends many noises to another mode in a single step).
+    A random ``validation_fraction`` of the noise (split by ``seed``) is held out of the optimisation;
+    the iterate with the lowest validation error is returned (the start included). Adam with
+    ``learning_rate`` (cosine decay), the gradient norms of the sigmas and of the corrections clipped
+    apart; a non-finite step is undone and the learning rate halved. ``chunk`` bounds the batch of one model call.
     ``start_sigmas``: the starting schedule (default uniform; pass the model's own); the fit starts from
     whichever of its time shifts by ``start_shift_factors`` has the lowest calibration error (``()``: as
     given). ``samples_per_iteration``: each iteration's gradient comes from that many calibration samples
@@ -170,6 +173,8 @@ def fit_sampler(
     if not 0.0 <= schedule_only_fraction <= 1.0:
         raise ValueError(f"schedule_only_fraction must lie in [0, 1], got {schedule_only_fraction!r}")
     correction_step = _check_nonnegative(correction_step, "correction_step")
+    if not 0.0 <= correction_warmup <= 1.0:
+        raise ValueError(f"correction_warmup must lie in [0, 1], got {correction_warmup!r}")
     if not 0.0 < robust_quantile <= 1.0:
         raise ValueError(f"robust_quantile must lie in (0, 1], got {robust_quantile!r}")
     if any(not (isinstance(f, Real) and math.isfinite(f) and f > 0) for f in start_shift_factors):
@@ -213,6 +218,7 @@ def fit_sampler(
                 weight_decay=weight_decay,
                 chunk=chunk,
                 correction_step=correction_step,
+                correction_warmup=correction_warmup,
                 robust_quantile=robust_quantile,
                 samples_per_iteration=samples_per_iteration,
             )
@@ -253,11 +259,11 @@ def fit_sampler(
 
     cap = None  # per-sample error cap: the previous iteration's robust_quantile of the errors
     optimizer = torch.optim.Adam(parameters)
-    # Cosine decay to 1/20: large early moves find the schedule's shape, small late ones settle it.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: 0.05 + 0.95 * (1 + math.cos(math.pi * t / max(iterations, 1))) / 2
-    )
     schedule_only = int(iterations * schedule_only_fraction)
+    schedule_rate, correction_rate = _rate_factors(iterations, schedule_only, correction_warmup * iterations)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [schedule_rate, correction_rate] if fit == "bespoke" else schedule_rate
+    )
     best_validation = evaluate(validation)
     start_validation = best_validation
     start_calibration = evaluate(calibration)
@@ -312,7 +318,7 @@ def fit_sampler(
             # error still to remove (not to the O(1) coefficients) neither stall at 4 steps nor
             # overshoot at 16.
             scheduler.base_lrs[1] = correction_step * best_validation
-            optimizer.param_groups[1]["lr"] = scheduler.base_lrs[1] * scheduler.lr_lambdas[0](iteration - 1)
+            optimizer.param_groups[1]["lr"] = scheduler.base_lrs[1] * scheduler.lr_lambdas[1](iteration - 1)
         for parameter in (
             logits,
             corrections,
@@ -377,6 +383,7 @@ def _fit_choosing_final_step(
     schedule_only_fraction,
     start_shift_factors,
     progress,
+    correction_warmup,
     **options,
 ) -> FittedSampler:
     """fit_sampler with ``euler_at_final=None``: the schedule alone is fitted both ways for the first
@@ -400,6 +407,7 @@ def _fit_choosing_final_step(
             start_shift_factors=start_shift_factors,
             euler_at_final=choice,
             progress=reporting(index * probe_iterations),
+            correction_warmup=correction_warmup,
             **options,
         )
         for index, choice in enumerate((True, False))
@@ -418,6 +426,8 @@ def _fit_choosing_final_step(
         start_shift_factors=(),
         euler_at_final=chosen,
         progress=reporting(2 * probe_iterations),
+        # the same number of warm-up iterations as without the probes
+        correction_warmup=min(1.0, correction_warmup * iterations / max(1, iterations - probe_iterations)),
         **options,
     )
     report = result.report
@@ -437,6 +447,23 @@ def _fit_choosing_final_step(
         fit_cost={"calls": counted.calls, "samples": counted.samples},
     )
     return result
+
+
+def _rate_factors(iterations: int, schedule_only: int, warmup: float):
+    """Learning-rate factors at iteration ``t`` (from 0) of the sigmas and of the corrections.
+
+    Both decay on a cosine to 1/20: large early moves find the schedule's shape, small late ones settle it.
+    The corrections' factor also ramps up linearly over the ``warmup`` iterations after ``schedule_only``.
+    """
+
+    def schedule_rate(t):
+        return 0.05 + 0.95 * (1 + math.cos(math.pi * t / max(iterations, 1))) / 2
+
+    def correction_rate(t):
+        ramp = min(1.0, max(0.0, (t - schedule_only) / warmup)) if warmup > 0 else 1.0
+        return schedule_rate(t) * ramp
+
+    return schedule_rate, correction_rate
 
 
 def _restore(best, logits: torch.Tensor, corrections: torch.Tensor) -> None:

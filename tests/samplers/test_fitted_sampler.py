@@ -15,7 +15,7 @@ from lumina_turbo.samplers.fitted_sampler import (
     relative_error,
     run_solver,
 )
-from lumina_turbo.samplers.fitting import fit_sampler
+from lumina_turbo.samplers.fitting import _rate_factors, fit_sampler
 from lumina_turbo.samplers.schedules import time_shift
 
 ITERATIONS = 60  # enough to move clearly away from the start; the benchmark runs the default
@@ -313,6 +313,7 @@ def test_learning_rate_too_large_does_not_diverge(flow):
         ({"start_sigmas": torch.tensor([1.0, 0.7, 0.8, 0.0])}, "strictly descending"),
         ({"schedule_only_fraction": 1.5}, "schedule_only_fraction must lie in"),
         ({"correction_step": -1.0}, "correction_step must be a finite number >= 0"),
+        ({"correction_warmup": 1.5}, "correction_warmup must lie in"),
         ({"robust_quantile": 0.0}, "robust_quantile must lie in"),
         ({"start_shift_factors": (1.0, 0.0)}, "start_shift_factors must be finite numbers > 0"),
         ({"samples_per_iteration": 0}, "samples_per_iteration must be"),
@@ -352,3 +353,25 @@ def test_k_diffusion_sampler_refuses_foreign_sigmas_only_for_bespoke(flow):
         sample_fitted(model, x, other, fitted=bespoke.to_dict())
     steps_only = _fit(flow, 4, "multistep", "steps", iterations=3)
     assert torch.isfinite(sample_fitted(model, x, other, fitted=steps_only.to_dict())).all()
+
+
+def test_corrections_rate_ramps_up_after_the_schedule_only_part():
+    schedule_rate, correction_rate = _rate_factors(iterations=100, schedule_only=25, warmup=20.0)
+    assert schedule_rate(0) == 1.0 and schedule_rate(100) == pytest.approx(0.05)
+    assert correction_rate(10) == correction_rate(25) == 0.0
+    assert correction_rate(35) == pytest.approx(schedule_rate(35) / 2)
+    assert correction_rate(45) == schedule_rate(45) and correction_rate(80) == schedule_rate(80)
+    _, unramped = _rate_factors(iterations=100, schedule_only=25, warmup=0.0)
+    assert unramped(26) == schedule_rate(26)
+
+
+def test_correction_warmup_changes_the_fit_not_its_cost(flow):
+    def fit(warmup):
+        return _fit(
+            flow, 5, "multistep3", "bespoke", iterations=20, euler_at_final=True, correction_warmup=warmup
+        )
+
+    ramped, direct = fit(0.5), fit(0.0)
+    assert not torch.equal(ramped.corrections, direct.corrections)
+    assert ramped.report["fit_cost"] == direct.report["fit_cost"]
+    assert ramped.report["validation_error"] < ramped.report["start_validation_error"]
