@@ -103,6 +103,28 @@ def test_cli_trains_like_the_engine_and_resumes(tiny_models, tmp_path, capsys):
     assert all(torch.equal(written[k], again[k]) for k in written)
 
 
+def test_late_ctrl_c_does_not_turn_a_saved_run_into_an_interrupt(tiny_models, tmp_path, monkeypatch, capsys):
+    import builtins
+    import signal
+
+    from lumina_turbo.training import cli
+
+    def print_then_ctrl_c(*args, **kwargs):
+        builtins.print(*args, **kwargs)
+        if args and str(args[0]).startswith("saved "):
+            os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, just after the LoRA was written
+
+    write_concept_dataset(tmp_path / "data", count=2)
+    (tmp_path / "t.toml").write_text(TOML.replace("max_train_steps = 3", "max_train_steps = 1"))
+    monkeypatch.setattr(cli, "print", print_then_ctrl_c, raising=False)
+    assert cli.main(["--config", str(tmp_path / "t.toml")]) == 0
+    assert "interrupted" not in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored for what runs next
+    import safetensors.torch
+
+    assert safetensors.torch.load_file(tmp_path / "out" / "cli_lora.safetensors")
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from lumina_turbo.training.cli import main
 
