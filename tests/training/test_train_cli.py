@@ -117,9 +117,14 @@ def test_late_ctrl_c_does_not_turn_a_saved_run_into_an_interrupt(tiny_models, tm
     write_concept_dataset(tmp_path / "data", count=2)
     (tmp_path / "t.toml").write_text(TOML.replace("max_train_steps = 3", "max_train_steps = 1"))
     monkeypatch.setattr(cli, "print", print_then_ctrl_c, raising=False)
-    assert cli.main(["--config", str(tmp_path / "t.toml")]) == 0
+    # Ctrl-C raises as in a terminal (a job started in the background may have SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert cli.main(["--config", str(tmp_path / "t.toml")]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the guard
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert "interrupted" not in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored for what runs next
     import safetensors.torch
 
     assert safetensors.torch.load_file(tmp_path / "out" / "cli_lora.safetensors")
