@@ -6,8 +6,9 @@ returns the x0 prediction of a batch, ``sigma`` a [B] tensor.
 The objective is the mean relative terminal error against a fine-step reference from the same noise. The
 bespoke corrections start at 0 (the base solver) and stay there for the first quarter of the iterations (the
 schedule is fitted first), then move with steps sized to the error left (ramped up from 0), are pulled back
-to 0 by weight decay, and the iterate kept is the one with the lowest error on a validation split of the calibration noise
-that the optimiser never saw, so the fit can only end at or below its starting schedule on that split.
+to 0 by weight decay, and the iterate kept is the one with the lowest error on a validation split of the
+calibration noise that the optimiser never saw, so the fit can only end at or below its starting schedule on
+that split.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def fit_sampler(
     A random ``validation_fraction`` of the noise (split by ``seed``) is held out of the optimisation;
     the iterate with the lowest validation error is returned (the start included). Adam with
     ``learning_rate`` (cosine decay), the gradient norms of the sigmas and of the corrections clipped
-    apart; a non-finite step is undone and the learning rate halved. ``chunk`` bounds the batch of one model call.
+    apart; a non-finite step is undone and the learning rate halved. ``chunk`` bounds the batch of one
+    model call.
     ``start_sigmas``: the starting schedule (default uniform; pass the model's own); the fit starts from
     whichever of its time shifts by ``start_shift_factors`` has the lowest calibration error (``()``: as
     given). ``samples_per_iteration``: each iteration's gradient comes from that many calibration samples
@@ -268,7 +270,6 @@ def fit_sampler(
     start_validation = best_validation
     start_calibration = evaluate(calibration)
     best = (logits.detach().clone(), corrections.detach().clone(), 0)
-    history = []
     undone = 0
     for iteration in range(1, iterations + 1):
         optimizer.zero_grad(set_to_none=True)
@@ -309,7 +310,6 @@ def fit_sampler(
             for group in optimizer.param_groups:
                 group["lr"] /= 2
             scheduler.base_lrs = [lr / 2 for lr in scheduler.base_lrs]
-            history.append({"iteration": iteration, "calibration": None, "validation": None})
             continue
         if iteration <= schedule_only:
             corrections.grad = None  # the schedule alone first, so the corrections start from a fitted one
@@ -328,9 +328,6 @@ def fit_sampler(
         optimizer.step()
         scheduler.step()
         validation_error = evaluate(validation)
-        history.append(
-            {"iteration": iteration, "calibration": float(total.detach()), "validation": validation_error}
-        )
         if math.isfinite(validation_error) and validation_error < best_validation:
             best_validation = validation_error
             best = (logits.detach().clone(), corrections.detach().clone(), iteration)
@@ -407,7 +404,6 @@ def _fit_choosing_final_step(
             start_shift_factors=start_shift_factors,
             euler_at_final=choice,
             progress=reporting(index * probe_iterations),
-            correction_warmup=correction_warmup,
             **options,
         )
         for index, choice in enumerate((True, False))
