@@ -120,6 +120,7 @@ def fit_sampler(
     robust_quantile: float = 1.0,
     samples_per_iteration: int | None = None,
     euler_at_final: bool | None = None,
+    restarts: int = 1,
 ) -> FittedSampler:
     """Fit ``steps`` intervals of ``solver`` to ``denoise`` on the calibration ``noise`` (at sigma 1).
 
@@ -152,7 +153,10 @@ def fit_sampler(
     solvers): whether the interval to sigma 0 is first order (see :func:`run_solver`); None fits the
     schedule alone both ways for the first ``schedule_only_fraction`` of the iterations and goes on with
     the way better on the validation split (``report["final_step_validation_errors"]``), which costs
-    that fraction of the iterations once more. ``progress(done, total)`` is called once per iteration.
+    that fraction of the iterations once more. ``restarts`` > 1 runs that many whole fits (seeds ``seed``,
+    ``seed + 1``, ...: other splits and draws) and keeps the one with the lowest error on all the calibration
+    noise; on flows with sharp modes one fit can settle far from another, and this costs ``restarts`` times
+    the fit. ``progress(done, total)`` is called once per iteration.
 
     The returned sampler's ``report`` holds the calibration (optimised part), validation and starting
     errors and the cost: model calls and sample evaluations of the reference and of the fit (a backward
@@ -162,6 +166,7 @@ def fit_sampler(
     check_solver(solver)
     check_fit(fit)
     iterations = _check_positive_int(iterations, "iterations", low=0)
+    restarts = _check_positive_int(restarts, "restarts")
     weight_decay = _check_nonnegative(weight_decay, "weight_decay")
     if samples_per_iteration is not None:
         samples_per_iteration = _check_positive_int(samples_per_iteration, "samples_per_iteration")
@@ -197,6 +202,32 @@ def fit_sampler(
         )
     reference_cost = {"calls": counted.calls, "samples": counted.samples}
     counted.calls = counted.samples = 0
+    if restarts > 1:
+        return _fit_restarts(
+            counted,
+            noise,
+            steps,
+            restarts=restarts,
+            reference=reference,
+            reference_cost=reference_cost,
+            seed=seed,
+            iterations=iterations,
+            progress=progress,
+            chunk=chunk,
+            solver=solver,
+            fit=fit,
+            start_sigmas=start_sigmas,
+            validation_fraction=validation_fraction,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            schedule_only_fraction=schedule_only_fraction,
+            correction_step=correction_step,
+            correction_warmup=correction_warmup,
+            start_shift_factors=start_shift_factors,
+            robust_quantile=robust_quantile,
+            samples_per_iteration=samples_per_iteration,
+            euler_at_final=euler_at_final,
+        )
     if euler_at_final is None:
         if ORDER.get(solver, 1) < 2 or steps < 2 or iterations < 2:
             euler_at_final = True  # no extrapolation to the final sigma to choose
@@ -335,8 +366,8 @@ def fit_sampler(
             progress(iteration, iterations)
 
     _restore(best, logits, corrections)
-    fit_cost = {"calls": counted.calls, "samples": counted.samples}
     calibration_error = evaluate(calibration)
+    fit_cost = {"calls": counted.calls, "samples": counted.samples}
     with torch.no_grad():
         sigmas = _sigmas_from_logits(logits).detach().to(torch.float64).cpu()
     sigmas[0], sigmas[-1] = 1.0, 0.0
@@ -439,6 +470,46 @@ def _fit_choosing_final_step(
             "euler": probes[True].report["validation_error"],
             "extrapolated": probes[False].report["validation_error"],
         },
+        reference_cost=reference_cost,
+        fit_cost={"calls": counted.calls, "samples": counted.samples},
+    )
+    return result
+
+
+def _fit_restarts(
+    counted, noise, steps, *, restarts, reference, reference_cost, seed, iterations, progress, **options
+) -> FittedSampler:
+    """fit_sampler with ``restarts`` > 1: whole fits from seeds ``seed``, ``seed + 1``, ...; the one with the
+    lowest error on all of ``noise`` is returned (its report lists every restart's error)."""
+    fits, errors = [], []
+    for index in range(restarts):
+
+        def reporting(done, total, index=index):
+            progress(index * total + done, restarts * total)
+
+        fitted = fit_sampler(
+            counted,
+            noise,
+            steps,
+            reference=reference,
+            seed=int(seed) + index,
+            iterations=iterations,
+            progress=None if progress is None else reporting,
+            **options,
+        )
+        report = fitted.report
+        fits.append(fitted)
+        errors.append(  # on all the noise: the calibration part's and the validation part's mean, weighted
+            (report["calibration_error"] * report["calibration_samples"]
+             + report["validation_error"] * report["validation_samples"])
+            / noise.shape[0]
+        )  # fmt: skip
+    chosen = min(range(restarts), key=errors.__getitem__)
+    result = fits[chosen]
+    result.report.update(
+        seed=int(seed),
+        restart_seed=int(seed) + chosen,
+        restart_errors=errors,
         reference_cost=reference_cost,
         fit_cost={"calls": counted.calls, "samples": counted.samples},
     )

@@ -317,6 +317,7 @@ def test_learning_rate_too_large_does_not_diverge(flow):
         ({"robust_quantile": 0.0}, "robust_quantile must lie in"),
         ({"start_shift_factors": (1.0, 0.0)}, "start_shift_factors must be finite numbers > 0"),
         ({"samples_per_iteration": 0}, "samples_per_iteration must be"),
+        ({"restarts": 0}, "restarts must be a whole number >= 1"),
     ],
 )
 def test_bad_inputs_are_refused_by_name(flow, kwargs, message):
@@ -375,3 +376,25 @@ def test_correction_warmup_changes_the_fit_not_its_cost(flow):
     assert not torch.equal(ramped.corrections, direct.corrections)
     assert ramped.report["fit_cost"] == direct.report["fit_cost"]
     assert ramped.report["validation_error"] < ramped.report["start_validation_error"]
+
+
+def test_restarts_keep_the_fit_best_on_all_the_calibration_noise(flow):
+    def fit(**kwargs):
+        return _fit(flow, 4, "multistep3", "bespoke", iterations=8, euler_at_final=True, **kwargs)
+
+    seen = []
+    best = fit(restarts=3, seed=5, progress=lambda done, total: seen.append((done, total)))
+    singles = [fit(seed=5 + index) for index in range(3)]
+    errors = []
+    for single in singles:
+        x = single.sample(flow["denoise"], flow["calibration"])
+        errors.append(float(relative_error(x, flow["calibration_reference"]).mean()))
+    chosen = min(range(3), key=errors.__getitem__)
+    assert best.report["restart_errors"] == pytest.approx(errors, rel=1e-12)
+    assert best.report["restart_seed"] == 5 + chosen and best.report["seed"] == 5
+    assert torch.equal(best.sigmas, singles[chosen].sigmas)
+    assert torch.equal(best.corrections, singles[chosen].corrections)
+    assert best.report["fit_cost"]["samples"] == sum(
+        single.report["fit_cost"]["samples"] for single in singles
+    )
+    assert seen[-1] == (24, 24) and len(seen) == 24
