@@ -46,6 +46,7 @@ LIMITS = {
     "batch_size": (1, 1024),
     "seed": (0, 2**32 - 1),
     "samples_per_iteration": (0, 1024),
+    "restarts": (1, 4),
 }
 
 
@@ -133,10 +134,20 @@ def differentiable_clone(model):
 
 
 def fit_with_guider(
-    guider, noise, start_sigmas, steps, solver, fit, iterations, batch_size, seed, samples_per_iteration=0
+    guider,
+    noise,
+    start_sigmas,
+    steps,
+    solver,
+    fit,
+    iterations,
+    batch_size,
+    seed,
+    samples_per_iteration=0,
+    restarts=1,
 ) -> FittedSampler:
     """Run :func:`fit_sampler` with the guider as the denoiser, inside ComfyUI's sampling machinery."""
-    progress = comfy.utils.ProgressBar(max(iterations, 1))
+    progress = comfy.utils.ProgressBar(max(iterations * restarts, 1))
     result = {}
 
     def fit_function(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -158,6 +169,7 @@ def fit_with_guider(
                 iterations=iterations,
                 chunk=batch_size,
                 samples_per_iteration=samples_per_iteration or None,
+                restarts=restarts,
                 progress=lambda done, total: progress.update_absolute(done, total),
             )
         return x
@@ -273,6 +285,16 @@ class LTFitSampler(io.ComfyNode):
                     "larger calibration set (less overfitting; its reference costs 128 calls per sample once) "
                     "cost little more per iteration.",
                 ),
+                io.Int.Input(
+                    "restarts",
+                    default=1,
+                    min=LIMITS["restarts"][0],
+                    max=LIMITS["restarts"][1],
+                    optional=True,
+                    tooltip="Whole fits (seeds seed, seed + 1, ...) of which the one with the lowest error on "
+                    "all the calibration noise is kept; each costs a full fit (the reference is shared). Pays on "
+                    "models whose fits land far apart from seed to seed.",
+                ),
             ],
             outputs=[
                 io.Sampler.Output(display_name="sampler"),
@@ -303,6 +325,7 @@ class LTFitSampler(io.ComfyNode):
         batch_size,
         seed,
         samples_per_iteration=0,
+        restarts=1,
     ) -> io.NodeOutput:
         import comfy.model_sampling
 
@@ -322,13 +345,25 @@ class LTFitSampler(io.ComfyNode):
         )
         if samples_per_iteration:  # absent when 0, so fits cached before the option existed still hit
             options["samples_per_iteration"] = samples_per_iteration
+        if restarts > 1:  # likewise
+            options["restarts"] = restarts
         path = cache_path(fit_key(guider, shape, start, options))
         fitted = _read_cache(path)
         if fitted is None:
             generator = torch.Generator().manual_seed(seed)
             noise = torch.randn(shape, generator=generator, dtype=torch.float32)
             fitted = fit_with_guider(
-                guider, noise, start, steps, solver, fit, iterations, batch_size, seed, samples_per_iteration
+                guider,
+                noise,
+                start,
+                steps,
+                solver,
+                fit,
+                iterations,
+                batch_size,
+                seed,
+                samples_per_iteration,
+                restarts,
             )
             _write_cache(path, fitted)
             log.info("lumina_turbo: LTFitSampler fitted %s (%s)", path.name, fitted.report)
@@ -340,6 +375,8 @@ class LTFitSampler(io.ComfyNode):
             f"LTFitSampler · {solver} {fit} · {calls} calls · error "
             f"{report.get('validation_error', float('nan')):.4f} (start {report.get('start_validation_error', float('nan')):.4f})"
         )
+        if len(report.get("restart_errors", ())) > 1:  # how far apart the fits landed
+            title += f" · restarts {min(report['restart_errors']):.4f}-{max(report['restart_errors']):.4f}"
         plot = sigma_plot(
             sigmas, title, reference=start.to(torch.float32), labels=("fitted", "model default")
         )

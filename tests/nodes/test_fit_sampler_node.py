@@ -93,6 +93,21 @@ def test_samples_per_iteration_shrinks_each_gradient_batch(comfy_host):
     assert fit_cost() - fit_cost(samples_per_iteration=2) == (2 + 2) * 2 * (6 - 2)
 
 
+def test_restarts_run_whole_fits_and_keep_the_best(comfy_host):
+    def fit_report(**optional):
+        before = set(_cache_files(comfy_host))
+        comfy_host.run(fit_and_sample(steps=2, iterations=3, samples=8, seed=6, **optional))
+        (written,) = set(_cache_files(comfy_host)) - before  # its own cache entry
+        return json.loads(written.read_text())["report"]
+
+    single, best = fit_report(), fit_report(restarts=2)
+    assert best["fit_cost"]["samples"] == 2 * single["fit_cost"]["samples"]  # the reference is shared
+    assert len(best["restart_errors"]) == 2 and best["restart_seed"] in (6, 7)
+    assert best["restart_errors"][0] == pytest.approx(
+        (single["calibration_error"] * 6 + single["validation_error"] * 2) / 8, rel=1e-6
+    )  # the first restart is the single fit with the same seed
+
+
 @pytest.mark.parametrize(
     ("changes", "pattern"),
     [
@@ -100,6 +115,7 @@ def test_samples_per_iteration_shrinks_each_gradient_batch(comfy_host):
         ({"solver": "rk45"}, "solver"),
         ({"samples": 2000}, "calibration_samples"),
         ({"samples_per_iteration": -1}, "samples_per_iteration"),
+        ({"restarts": 9}, "restarts"),
     ],
 )
 def test_bad_inputs_refused(comfy_host, changes, pattern):
