@@ -32,9 +32,7 @@ NFE_BUDGETS = (4, 6, 8, 10, 16)
 OWN_SHIFTS = (1.0, 3.0)
 HINDSIGHT_SHIFTS = (1.0, 2.0, 3.0, 6.0)
 HELD_OUT_SAMPLES = 4096
-# calibration noise per budget: at 16 calls the fitted error is set by rarer noises (the top 1 % of the
-# samples carried 35-90 % of the mean), and 8192 let the fit learn its own set's few (fresh / calibration 1.4-1.9)
-CALIBRATION_SAMPLES = {4: 8192, 6: 8192, 8: 8192, 10: 8192, 16: 32768}
+CALIBRATION_SAMPLES = 8192
 SAMPLES_PER_ITERATION = 1024
 FRESH_SAMPLES = 16384
 ITERATIONS = 300
@@ -219,7 +217,7 @@ def _mixture_models(mixture_name: str) -> list[dict]:
             for solver, fit in FITTED:
                 for seed in SEEDS if (solver, fit) == DEFAULT else SEEDS[:1]:
                     calibration = torch.randn(
-                        CALIBRATION_SAMPLES[budget],
+                        CALIBRATION_SAMPLES,
                         mixture.dim,
                         dtype=torch.float64,
                         generator=torch.Generator().manual_seed(1000 + seed),
