@@ -19,7 +19,6 @@ its four best pairs are scored again on the big set, the best of them kept.
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import time
 
@@ -118,11 +117,7 @@ def _mixture(name: str) -> list[dict]:
                     fits.append(
                         {
                             "seed": seed + restart,
-                            "calibration_noise_error": (
-                                report["calibration_error"] * report["calibration_samples"]
-                                + report["validation_error"] * report["validation_samples"]
-                            )
-                            / CALIBRATION_SAMPLES,
+                            "calibration_noise_error": report["noise_error"],
                             "held_out_error": held_out,
                             "over_best_builtin": held_out / best[budget]["error"],
                             "fit_sample_calls": report["fit_cost"]["samples"],
@@ -147,12 +142,9 @@ def _mixture(name: str) -> list[dict]:
     return rows
 
 
-def _geomean(values) -> float:
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
 def run() -> dict:
+    from lumina_turbo.benchmarks.fitted_exact_flow import _geomean
+
     with multiprocessing.get_context("spawn").Pool(len(MIXTURE_NAMES)) as pool:
         rows = [row for part in pool.map(_mixture, MIXTURE_NAMES, chunksize=1) for row in part]
     summary = {}

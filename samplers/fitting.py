@@ -158,8 +158,8 @@ def fit_sampler(
     noise; on flows with sharp modes one fit can settle far from another, and this costs ``restarts`` times
     the fit. ``progress(done, total)`` is called once per iteration.
 
-    The returned sampler's ``report`` holds the calibration (optimised part), validation and starting
-    errors and the cost: model calls and sample evaluations of the reference and of the fit (a backward
+    The returned sampler's ``report`` holds the calibration (optimised part), validation, whole-noise
+    (``noise_error``, what restarts are chosen by) and starting errors and the cost: model calls and sample evaluations of the reference and of the fit (a backward
     pass costs about two more forward passes).
     """
     steps = check_steps(steps)
@@ -383,6 +383,9 @@ def fit_sampler(
         "model_calls": result.model_calls,
         "calibration_samples": int(calibration.numel()),
         "validation_samples": int(validation.numel()),
+        # all the noise: the optimised part's and the held-back part's means, weighted
+        "noise_error": (calibration_error * calibration.numel() + best_validation * validation.numel())
+        / noise.shape[0],
         "start_shift_factor": float(start_shift_factors[chosen]) if start_shift_factors else 1.0,
         "start_calibration_error": start_calibration,
         "start_validation_error": start_validation,
@@ -497,13 +500,8 @@ def _fit_restarts(
             progress=None if progress is None else reporting,
             **options,
         )
-        report = fitted.report
         fits.append(fitted)
-        errors.append(  # on all the noise: the calibration part's and the validation part's mean, weighted
-            (report["calibration_error"] * report["calibration_samples"]
-             + report["validation_error"] * report["validation_samples"])
-            / noise.shape[0]
-        )  # fmt: skip
+        errors.append(fitted.report["noise_error"])
     chosen = min(range(restarts), key=errors.__getitem__)
     result = fits[chosen]
     result.report.update(
