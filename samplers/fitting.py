@@ -153,12 +153,10 @@ def fit_sampler(
     solvers): whether the interval to sigma 0 is first order (see :func:`run_solver`); None fits the
     schedule alone both ways for the first ``schedule_only_fraction`` of the iterations and goes on with
     the way better on the validation split (``report["final_step_validation_errors"]``), which costs
-    that fraction of the iterations once more. ``restarts`` > 1 runs the fit that many times (seeds ``seed``,
+    that fraction of the iterations once more. ``restarts`` > 1 runs that many whole fits (seeds ``seed``,
     ``seed + 1``, ...: other splits and draws) and keeps the one with the lowest error on all the calibration
-    noise (``report["restart_errors"]``, ``["restart_samplers"]``, ``["restart_sample_calls"]``); on flows with sharp modes one fit can
-    settle far from another. The final-step probes run once (which fit ends best is not decided there), so
-    each restart after the first costs the iterations after them. ``progress(done, total)`` is called once
-    per iteration.
+    noise; on flows with sharp modes one fit can settle far from another, and this costs ``restarts`` times
+    the fit. ``progress(done, total)`` is called once per iteration.
 
     The returned sampler's ``report`` holds the calibration (optimised part), validation, whole-noise
     (``noise_error``, what restarts are chosen by) and starting errors and the cost: model calls and sample evaluations of the reference and of the fit (a backward
@@ -204,34 +202,6 @@ def fit_sampler(
         )
     reference_cost = {"calls": counted.calls, "samples": counted.samples}
     counted.calls = counted.samples = 0
-    if euler_at_final is None:
-        if ORDER.get(solver, 1) < 2 or steps < 2 or iterations < 2:
-            euler_at_final = True  # no extrapolation to the final sigma to choose
-        else:
-            return _fit_choosing_final_step(
-                counted,
-                noise,
-                steps,
-                fit=fit,
-                reference=reference,
-                reference_cost=reference_cost,
-                start_sigmas=start_sigmas,
-                iterations=iterations,
-                schedule_only_fraction=schedule_only_fraction,
-                start_shift_factors=start_shift_factors,
-                progress=progress,
-                solver=solver,
-                seed=seed,
-                validation_fraction=validation_fraction,
-                learning_rate=learning_rate,
-                weight_decay=weight_decay,
-                chunk=chunk,
-                correction_step=correction_step,
-                correction_warmup=correction_warmup,
-                robust_quantile=robust_quantile,
-                samples_per_iteration=samples_per_iteration,
-                restarts=restarts,
-            )
     if restarts > 1:
         return _fit_restarts(
             counted,
@@ -258,6 +228,33 @@ def fit_sampler(
             samples_per_iteration=samples_per_iteration,
             euler_at_final=euler_at_final,
         )
+    if euler_at_final is None:
+        if ORDER.get(solver, 1) < 2 or steps < 2 or iterations < 2:
+            euler_at_final = True  # no extrapolation to the final sigma to choose
+        else:
+            return _fit_choosing_final_step(
+                counted,
+                noise,
+                steps,
+                fit=fit,
+                reference=reference,
+                reference_cost=reference_cost,
+                start_sigmas=start_sigmas,
+                iterations=iterations,
+                schedule_only_fraction=schedule_only_fraction,
+                start_shift_factors=start_shift_factors,
+                progress=progress,
+                solver=solver,
+                seed=seed,
+                validation_fraction=validation_fraction,
+                learning_rate=learning_rate,
+                weight_decay=weight_decay,
+                chunk=chunk,
+                correction_step=correction_step,
+                correction_warmup=correction_warmup,
+                robust_quantile=robust_quantile,
+                samples_per_iteration=samples_per_iteration,
+            )
 
     generator = torch.Generator().manual_seed(int(seed))
     order = torch.randperm(noise.shape[0], generator=generator).to(noise.device)
@@ -418,15 +415,13 @@ def _fit_choosing_final_step(
     start_shift_factors,
     progress,
     correction_warmup,
-    restarts,
     **options,
 ) -> FittedSampler:
     """fit_sampler with ``euler_at_final=None``: the schedule alone is fitted both ways for the first
     ``schedule_only_fraction`` of the iterations, and the full fit goes on from the one with the lower
-    validation error for the rest (the probes cost that fraction once more). With ``restarts`` > 1 the
-    probes run once and only the rest is restarted: which fit ends best is decided after them."""
+    validation error for the rest (the probes cost that fraction once more)."""
     probe_iterations = max(1, int(iterations * schedule_only_fraction))
-    total = 2 * probe_iterations + restarts * (iterations - probe_iterations)
+    total = 2 * probe_iterations + iterations - probe_iterations
 
     def reporting(offset):
         return None if progress is None else lambda done, _: progress(offset + done, total)
@@ -463,7 +458,6 @@ def _fit_choosing_final_step(
         progress=reporting(2 * probe_iterations),
         # the same number of warm-up iterations as without the probes
         correction_warmup=min(1.0, correction_warmup * iterations / max(1, iterations - probe_iterations)),
-        restarts=restarts,
         **options,
     )
     report = result.report
@@ -488,8 +482,8 @@ def _fit_choosing_final_step(
 def _fit_restarts(
     counted, noise, steps, *, restarts, reference, reference_cost, seed, iterations, progress, **options
 ) -> FittedSampler:
-    """fit_sampler with ``restarts`` > 1: fits from seeds ``seed``, ``seed + 1``, ...; the one with the lowest
-    error on all of ``noise`` is returned (its report lists every restart's error and sampler)."""
+    """fit_sampler with ``restarts`` > 1: whole fits from seeds ``seed``, ``seed + 1``, ...; the one with the
+    lowest error on all of ``noise`` is returned (its report lists every restart's error)."""
     fits, errors = [], []
     for index in range(restarts):
 
@@ -514,8 +508,6 @@ def _fit_restarts(
         seed=int(seed),
         restart_seed=int(seed) + chosen,
         restart_errors=errors,
-        restart_samplers=[{k: v for k, v in f.to_dict().items() if k != "report"} for f in fits],
-        restart_sample_calls=[f.report["fit_cost"]["samples"] for f in fits],
         reference_cost=reference_cost,
         fit_cost={"calls": counted.calls, "samples": counted.samples},
     )

@@ -398,34 +398,3 @@ def test_restarts_keep_the_fit_best_on_all_the_calibration_noise(flow):
         single.report["fit_cost"]["samples"] for single in singles
     )
     assert seen[-1] == (24, 24) and len(seen) == 24
-
-
-def test_restarts_share_the_final_step_probes(flow):
-    # iterations 8: probes of 2 schedule-only iterations each way, then 6 per restart
-    def fit(**kwargs):
-        return _fit(flow, 4, "multistep3", "bespoke", iterations=8, seed=5, **kwargs)
-
-    def probe_cost(euler_at_final):
-        probe = _fit(flow, 4, "multistep3", "steps", iterations=2, seed=5, euler_at_final=euler_at_final)
-        return probe.report["fit_cost"]["samples"]
-
-    seen = []
-    single, best = fit(), fit(restarts=3, progress=lambda done, total: seen.append((done, total)))
-    probes = probe_cost(True) + probe_cost(False)
-    assert best.report["fit_cost"]["samples"] == probes + 3 * (single.report["fit_cost"]["samples"] - probes)
-    assert seen[-1] == (2 * 2 + 3 * 6, 22) and len(seen) == 22
-    first = FittedSampler.from_dict(best.report["restart_samplers"][0])
-    assert torch.equal(first.sigmas, single.sigmas) and torch.equal(first.corrections, single.corrections)
-    restarts = [FittedSampler.from_dict(data) for data in best.report["restart_samplers"]]
-    assert len({r.euler_at_final for r in restarts}) == 1  # the probes' choice, made once
-    errors = [
-        float(
-            relative_error(
-                r.sample(flow["denoise"], flow["calibration"]), flow["calibration_reference"]
-            ).mean()
-        )
-        for r in restarts
-    ]
-    assert best.report["restart_errors"] == pytest.approx(errors, rel=1e-12)
-    chosen = min(range(3), key=errors.__getitem__)
-    assert torch.equal(best.sigmas, restarts[chosen].sigmas) and best.report["restart_seed"] == 5 + chosen
