@@ -169,6 +169,9 @@ def _fit(mixture, calibration, held_out, reference, fresh, shift, budget, solver
     }
 
 
+_SHARED: dict = {}  # per worker: mixture name -> its held-out and fresh noise with their references
+
+
 def _worker_setup(shared: dict | None = None) -> None:
     """Pool initializer: ComfyUI's CPU setup (a spawned worker starts bare), one thread, the shared noise."""
     from lumina_turbo.devtools.comfy_host import bootstrap
@@ -176,9 +179,6 @@ def _worker_setup(shared: dict | None = None) -> None:
     bootstrap()
     torch.set_num_threads(1)
     _SHARED.update(shared or {})
-
-
-_SHARED: dict = {}  # per worker: mixture name -> its held-out and fresh noise with their references
 
 
 def _mixture_baselines(mixture_name: str) -> dict:
@@ -240,6 +240,13 @@ def _fit_task(task: tuple) -> tuple:
     return task, result
 
 
+def _fitted_variants():
+    """(solver, fit, seed) of every fitted variant, in the table's order."""
+    for solver, fit in FITTED:
+        for seed in SEEDS if (solver, fit) == DEFAULT else SEEDS[:1]:
+            yield solver, fit, seed
+
+
 def _fit_tasks(names) -> list[tuple]:
     """Every (mixture, own shift, budget, solver, fit, seed), the costliest first so the workers end together."""
     from lumina_turbo.benchmarks.bench_schedules import MIXTURES
@@ -249,8 +256,7 @@ def _fit_tasks(names) -> list[tuple]:
         for name in names
         for own_shift in OWN_SHIFTS
         for budget in NFE_BUDGETS
-        for solver, fit in FITTED
-        for seed in (SEEDS if (solver, fit) == DEFAULT else SEEDS[:1])
+        for solver, fit, seed in _fitted_variants()
     ]
     return sorted(tasks, key=lambda task: -MIXTURES[task[0]]["dim"] * task[2] * CALIBRATION_SAMPLES[task[2]])
 
@@ -277,13 +283,11 @@ def _models(names, baselines: dict, fits: dict) -> list[dict]:
                     "best_hindsight": {"pair": hindsight[0], "error": hindsight[1]},
                     "fitted": {},
                 }
-                for (mixture, shift, at, solver, fit, seed), result in sorted(
-                    fits.items(), key=lambda item: (FITTED.index(item[0][3:5]), item[0][5])
-                ):
-                    if (mixture, shift, at) == (name, own_shift, budget):
-                        result["over_own_shift"] = result["held_out_error"] / own_error
-                        result["over_hindsight"] = result["held_out_error"] / hindsight[1]
-                        entry["fitted"][f"{solver}/{fit}/seed {seed}"] = result
+                for solver, fit, seed in _fitted_variants():
+                    result = fits[(name, own_shift, budget, solver, fit, seed)]
+                    result["over_own_shift"] = result["held_out_error"] / own_error
+                    result["over_hindsight"] = result["held_out_error"] / hindsight[1]
+                    entry["fitted"][f"{solver}/{fit}/seed {seed}"] = result
                 model["budgets"][budget] = entry
             models.append(model)
     return models

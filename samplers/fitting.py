@@ -159,8 +159,8 @@ def fit_sampler(
     the fit. ``progress(done, total)`` is called once per iteration.
 
     The returned sampler's ``report`` holds the calibration (optimised part), validation, whole-noise
-    (``noise_error``, what restarts are chosen by) and starting errors and the cost: model calls and sample evaluations of the reference and of the fit (a backward
-    pass costs about two more forward passes).
+    (``noise_error``, what restarts are chosen by) and starting errors and the cost: model calls and sample
+    evaluations of the reference and of the fit (a backward pass costs about two more forward passes).
     """
     steps = check_steps(steps)
     check_solver(solver)
