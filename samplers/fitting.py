@@ -121,6 +121,7 @@ def fit_sampler(
     samples_per_iteration: int | None = None,
     euler_at_final: bool | None = None,
     restarts: int = 1,
+    settle_iterations: int = 0,
 ) -> FittedSampler:
     """Fit ``steps`` intervals of ``solver`` to ``denoise`` on the calibration ``noise`` (at sigma 1).
 
@@ -156,7 +157,11 @@ def fit_sampler(
     that fraction of the iterations once more. ``restarts`` > 1 runs that many whole fits (seeds ``seed``,
     ``seed + 1``, ...: other splits and draws) and keeps the one with the lowest error on all the calibration
     noise; on flows with sharp modes one fit can settle far from another, and this costs ``restarts`` times
-    the fit. ``progress(done, total)`` is called once per iteration.
+    the fit. ``settle_iterations``: that many more iterations after ``iterations`` at the learning rate the
+    cosine ended on (1/20 of the start); the first ``iterations`` are unchanged by them, so the fit can only
+    end at or below its error without them on the validation split. Where the fits of one model land far
+    apart from seed to seed (sharp modes), the corrections settle there where a longer cosine, which spends
+    its extra iterations at high rates, did not. ``progress(done, total)`` is called once per iteration.
 
     The returned sampler's ``report`` holds the calibration (optimised part), validation, whole-noise
     (``noise_error``, what restarts are chosen by) and starting errors and the cost: model calls and sample
@@ -167,6 +172,7 @@ def fit_sampler(
     check_fit(fit)
     iterations = _check_positive_int(iterations, "iterations", low=0)
     restarts = _check_positive_int(restarts, "restarts")
+    settle_iterations = _check_positive_int(settle_iterations, "settle_iterations", low=0)
     weight_decay = _check_nonnegative(weight_decay, "weight_decay")
     if samples_per_iteration is not None:
         samples_per_iteration = _check_positive_int(samples_per_iteration, "samples_per_iteration")
@@ -227,6 +233,7 @@ def fit_sampler(
             robust_quantile=robust_quantile,
             samples_per_iteration=samples_per_iteration,
             euler_at_final=euler_at_final,
+            settle_iterations=settle_iterations,
         )
     if euler_at_final is None:
         if ORDER.get(solver, 1) < 2 or steps < 2 or iterations < 2:
@@ -254,6 +261,7 @@ def fit_sampler(
                 correction_warmup=correction_warmup,
                 robust_quantile=robust_quantile,
                 samples_per_iteration=samples_per_iteration,
+                settle_iterations=settle_iterations,
             )
 
     generator = torch.Generator().manual_seed(int(seed))
@@ -302,7 +310,8 @@ def fit_sampler(
     start_calibration = evaluate(calibration)
     best = (logits.detach().clone(), corrections.detach().clone(), 0)
     undone = 0
-    for iteration in range(1, iterations + 1):
+    total_iterations = iterations + settle_iterations
+    for iteration in range(1, total_iterations + 1):
         optimizer.zero_grad(set_to_none=True)
         errors = []
         batch = calibration
@@ -363,7 +372,7 @@ def fit_sampler(
             best_validation = validation_error
             best = (logits.detach().clone(), corrections.detach().clone(), iteration)
         if progress is not None:
-            progress(iteration, iterations)
+            progress(iteration, total_iterations)
 
     _restore(best, logits, corrections)
     calibration_error = evaluate(calibration)
@@ -393,6 +402,7 @@ def fit_sampler(
         "validation_error": best_validation,
         "best_iteration": best[2],
         "iterations": iterations,
+        "settle_iterations": settle_iterations,
         "undone_steps": undone,
         "seed": int(seed),
         "reference_cost": reference_cost,
@@ -415,13 +425,14 @@ def _fit_choosing_final_step(
     start_shift_factors,
     progress,
     correction_warmup,
+    settle_iterations,
     **options,
 ) -> FittedSampler:
     """fit_sampler with ``euler_at_final=None``: the schedule alone is fitted both ways for the first
     ``schedule_only_fraction`` of the iterations, and the full fit goes on from the one with the lower
-    validation error for the rest (the probes cost that fraction once more)."""
+    validation error for the rest and the settling ones (the probes cost that fraction once more)."""
     probe_iterations = max(1, int(iterations * schedule_only_fraction))
-    total = 2 * probe_iterations + iterations - probe_iterations
+    total = 2 * probe_iterations + iterations - probe_iterations + settle_iterations
 
     def reporting(offset):
         return None if progress is None else lambda done, _: progress(offset + done, total)
@@ -437,6 +448,7 @@ def _fit_choosing_final_step(
             iterations=probe_iterations,
             start_shift_factors=start_shift_factors,
             euler_at_final=choice,
+            settle_iterations=0,
             progress=reporting(index * probe_iterations),
             **options,
         )
@@ -458,6 +470,7 @@ def _fit_choosing_final_step(
         progress=reporting(2 * probe_iterations),
         # the same number of warm-up iterations as without the probes
         correction_warmup=min(1.0, correction_warmup * iterations / max(1, iterations - probe_iterations)),
+        settle_iterations=settle_iterations,
         **options,
     )
     report = result.report
@@ -517,12 +530,15 @@ def _fit_restarts(
 def _rate_factors(iterations: int, schedule_only: int, warmup: float):
     """Learning-rate factors at iteration ``t`` (from 0) of the sigmas and of the corrections.
 
-    Both decay on a cosine to 1/20: large early moves find the schedule's shape, small late ones settle it.
-    The corrections' factor also ramps up linearly over the ``warmup`` iterations after ``schedule_only``.
+    Both decay on a cosine to 1/20 over ``iterations`` and stay there after it (the settling iterations):
+    large early moves find the schedule's shape, small late ones settle it. The corrections' factor also
+    ramps up linearly over the ``warmup`` iterations after ``schedule_only``.
     """
 
     def schedule_rate(t):
-        return 0.05 + 0.95 * (1 + math.cos(math.pi * t / max(iterations, 1))) / 2
+        if t >= iterations:
+            return 0.05
+        return 0.05 + 0.95 * (1 + math.cos(math.pi * t / iterations)) / 2
 
     def correction_rate(t):
         ramp = min(1.0, max(0.0, (t - schedule_only) / warmup)) if warmup > 0 else 1.0

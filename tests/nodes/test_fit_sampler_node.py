@@ -108,6 +108,20 @@ def test_restarts_run_whole_fits_and_keep_the_best(comfy_host):
     )  # the first restart is the single fit with the same seed
 
 
+def test_settle_iterations_reach_the_fit_and_its_cache_key(comfy_host):
+    def fit_report(**optional):
+        before = set(_cache_files(comfy_host))
+        comfy_host.run(fit_and_sample(steps=2, iterations=3, samples=8, seed=8, **optional))
+        (written,) = set(_cache_files(comfy_host)) - before  # its own cache entry
+        return json.loads(written.read_text())["report"]
+
+    plain, settled = fit_report(), fit_report(settle_iterations=2)
+    assert settled["settle_iterations"] == 2 and plain["settle_iterations"] == 0
+    # 2 more iterations: 6 optimised and 2 held-back samples through the 2-call sampler each
+    assert settled["fit_cost"]["samples"] - plain["fit_cost"]["samples"] == 2 * (6 + 2) * 2
+    assert settled["validation_error"] <= plain["validation_error"]
+
+
 @pytest.mark.parametrize(
     ("changes", "pattern"),
     [
@@ -116,6 +130,7 @@ def test_restarts_run_whole_fits_and_keep_the_best(comfy_host):
         ({"samples": 2000}, "calibration_samples"),
         ({"samples_per_iteration": -1}, "samples_per_iteration"),
         ({"restarts": 9}, "restarts"),
+        ({"settle_iterations": 5000}, "settle_iterations"),
     ],
 )
 def test_bad_inputs_refused(comfy_host, changes, pattern):

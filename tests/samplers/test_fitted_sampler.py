@@ -318,6 +318,8 @@ def test_learning_rate_too_large_does_not_diverge(flow):
         ({"start_shift_factors": (1.0, 0.0)}, "start_shift_factors must be finite numbers > 0"),
         ({"samples_per_iteration": 0}, "samples_per_iteration must be"),
         ({"restarts": 0}, "restarts must be a whole number >= 1"),
+        ({"settle_iterations": -1}, "settle_iterations must be a whole number >= 0"),
+        ({"settle_iterations": 2.5}, "settle_iterations must be a whole number >= 0"),
     ],
 )
 def test_bad_inputs_are_refused_by_name(flow, kwargs, message):
@@ -364,6 +366,8 @@ def test_corrections_rate_ramps_up_after_the_schedule_only_part():
     assert correction_rate(45) == schedule_rate(45) and correction_rate(80) == schedule_rate(80)
     _, unramped = _rate_factors(iterations=100, schedule_only=25, warmup=0.0)
     assert unramped(26) == schedule_rate(26)
+    # the settling iterations after the cosine stay at its final rate
+    assert schedule_rate(100) == schedule_rate(150) == correction_rate(150) == 0.05
 
 
 def test_correction_warmup_changes_the_fit_not_its_cost(flow):
@@ -398,3 +402,22 @@ def test_restarts_keep_the_fit_best_on_all_the_calibration_noise(flow):
         single.report["fit_cost"]["samples"] for single in singles
     )
     assert seen[-1] == (24, 24) and len(seen) == 24
+
+
+def test_settle_iterations_extend_the_fit_and_end_no_worse(flow):
+    def fit(**kwargs):
+        return _fit(flow, 5, "multistep3", "bespoke", iterations=20, seed=3, **kwargs)
+
+    seen = []
+    plain, settled = fit(), fit(settle_iterations=10, progress=lambda done, total: seen.append((done, total)))
+    # the first 20 iterations are the plain fit's, so the kept iterate is at least as good on validation
+    assert settled.report["validation_error"] <= plain.report["validation_error"]
+    assert settled.report["settle_iterations"] == 10 and plain.report["settle_iterations"] == 0
+    assert settled.report["best_iteration"] <= 30
+    # 10 more iterations of the main fit (its two probes of 5 do not settle): a forward and backward run on
+    # the 768 optimised samples and a validation run on the 256 held back, 5 calls each
+    per_iteration = (768 + 256) * 5
+    assert settled.report["fit_cost"]["samples"] - plain.report["fit_cost"]["samples"] == 10 * per_iteration
+    assert seen[-1] == (35, 35) and len(seen) == 35  # two probes of 5, then 15 + 10
+    again = fit(settle_iterations=10)
+    assert torch.equal(again.corrections, settled.corrections) and torch.equal(again.sigmas, settled.sigmas)
