@@ -7,8 +7,8 @@ On flows with sharp modes one bespoke fit (samplers/fitting.py) can settle far f
 budget and calibration noise gave 0.34x to 0.67x the best built-in pair depending only on the fit's seed
 (its validation split and gradient draws). ``fit_sampler(restarts=k)`` runs k fits (seeds s, s + 1, ...)
 and keeps the one with the lowest error on all of the calibration noise, at k times the cost.
-``fit_sampler(settle_iterations=n)`` instead goes on for n iterations at the final learning rate, at
-(iterations + n) / iterations times the cost.
+``fit_sampler(settle_iterations=n)`` instead goes on for n iterations at the final learning rate, at about
+(1.25 iterations + n) / (1.25 iterations) times the cost (the two schedule-only probes count).
 
 Here, per model (mixture x own shift), budget and seed s, three single fits with seeds s, s + 1, s + 2 run
 on the same calibration noise; restarts = k keeps, of the first k, the one fit_sampler(restarts=k) keeps

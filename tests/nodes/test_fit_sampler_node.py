@@ -39,6 +39,14 @@ def _cache_files(host):
     return sorted((host.output_dir / "lumina_turbo" / "fits").glob("*.json"))
 
 
+def _small_fit_report(host, seed, **optional) -> dict:
+    """The report of a 2-step, 3-iteration fit on 8 samples, read from the cache entry it writes (its own)."""
+    before = set(_cache_files(host))
+    host.run(fit_and_sample(steps=2, iterations=3, samples=8, seed=seed, **optional))
+    (written,) = set(_cache_files(host)) - before
+    return json.loads(written.read_text())["report"]
+
+
 def test_fit_samples_and_is_cached_on_disk(comfy_host, monkeypatch):
     from lumina_turbo.nodes import fit_sampler as node_module
 
@@ -83,10 +91,7 @@ def test_sampling_costs_the_budget_and_the_fit_sees_the_calibration_batch(comfy_
 
 def test_samples_per_iteration_shrinks_each_gradient_batch(comfy_host):
     def fit_cost(**optional):
-        before = set(_cache_files(comfy_host))
-        comfy_host.run(fit_and_sample(steps=2, iterations=3, samples=8, seed=5, **optional))
-        (written,) = set(_cache_files(comfy_host)) - before
-        return json.loads(written.read_text())["report"]["fit_cost"]["samples"]
+        return _small_fit_report(comfy_host, seed=5, **optional)["fit_cost"]["samples"]
 
     # 8 samples: 6 optimised, 2 held back; drawn batches of 2 instead of 6; 2 calls per run; 3 iterations:
     # one fitting the schedule with each final step (Euler, extrapolated), then 2 from the better one
@@ -94,13 +99,7 @@ def test_samples_per_iteration_shrinks_each_gradient_batch(comfy_host):
 
 
 def test_restarts_run_whole_fits_and_keep_the_best(comfy_host):
-    def fit_report(**optional):
-        before = set(_cache_files(comfy_host))
-        comfy_host.run(fit_and_sample(steps=2, iterations=3, samples=8, seed=6, **optional))
-        (written,) = set(_cache_files(comfy_host)) - before  # its own cache entry
-        return json.loads(written.read_text())["report"]
-
-    single, best = fit_report(), fit_report(restarts=2)
+    single, best = _small_fit_report(comfy_host, seed=6), _small_fit_report(comfy_host, seed=6, restarts=2)
     assert best["fit_cost"]["samples"] == 2 * single["fit_cost"]["samples"]  # the reference is shared
     assert len(best["restart_errors"]) == 2 and best["restart_seed"] in (6, 7)
     assert best["restart_errors"][0] == pytest.approx(
@@ -109,13 +108,8 @@ def test_restarts_run_whole_fits_and_keep_the_best(comfy_host):
 
 
 def test_settle_iterations_reach_the_fit_and_its_cache_key(comfy_host):
-    def fit_report(**optional):
-        before = set(_cache_files(comfy_host))
-        comfy_host.run(fit_and_sample(steps=2, iterations=3, samples=8, seed=8, **optional))
-        (written,) = set(_cache_files(comfy_host)) - before  # its own cache entry
-        return json.loads(written.read_text())["report"]
-
-    plain, settled = fit_report(), fit_report(settle_iterations=2)
+    plain = _small_fit_report(comfy_host, seed=8)
+    settled = _small_fit_report(comfy_host, seed=8, settle_iterations=2)
     assert settled["settle_iterations"] == 2 and plain["settle_iterations"] == 0
     # 2 more iterations: 6 optimised and 2 held-back samples through the 2-call sampler each
     assert settled["fit_cost"]["samples"] - plain["fit_cost"]["samples"] == 2 * (6 + 2) * 2
