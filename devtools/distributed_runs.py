@@ -120,9 +120,12 @@ def run(command: list[str], *, timeout: float = 300, **env: str) -> subprocess.C
     )
 
 
-def start_ranks(configs: list[Path], *, port: int | None = None, **env: str) -> list[subprocess.Popen]:
+def start_ranks(
+    configs: list[Path], *, port: int | None = None, program: list[str] | None = None, **env: str
+) -> list[subprocess.Popen]:
     """One process per TOML, rank i of len(configs), with the launcher's variables set by hand (what a
-    launcher on each machine does); stdout/stderr are pipes."""
+    launcher on each machine does); stdout/stderr are pipes. ``program``: the command that takes
+    ``--config file.toml`` (``python -m lumina_turbo.train`` when None)."""
     port = port or free_port()
     processes = []
     for rank, toml in enumerate(configs):
@@ -137,7 +140,7 @@ def start_ranks(configs: list[Path], *, port: int | None = None, **env: str) -> 
         )
         processes.append(
             subprocess.Popen(
-                single(toml),
+                [*program, "--config", str(toml)] if program else single(toml),
                 env=variables,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -232,6 +233,7 @@ def start(env: Mapping[str, str] = os.environ) -> Ranks:
     options = {"backend": backend, "timeout": datetime.timedelta(seconds=ranks.timeout_s)}
     if device.type == "cuda":
         options["device_id"] = device
+    _import_modules_binding_the_default_group()
     try:
         dist.init_process_group(**options)
     except Exception as exc:  # rendezvous failures come as several error types
@@ -241,6 +243,22 @@ def start(env: Mapping[str, str] = os.environ) -> Ranks:
         ) from exc
     collectives_device = str(device) if backend == "nccl" else "cpu"
     return Ranks(ranks.rank, ranks.world_size, ranks.local_rank, ranks.timeout_s, backend, collectives_device)
+
+
+# torch modules whose functions take ``group=dist.group.WORLD`` as an argument default. Imported after
+# init_process_group (ComfyUI's model code pulls them in through torch._dynamo) they hold the group past
+# destroy_process_group, so its backend threads (gloo's) live into the interpreter's exit, which then can
+# abort a finished run ("terminate called without an active exception"). Imported before, the default is None.
+MODULES_BINDING_THE_DEFAULT_GROUP = (
+    "torch.distributed.nn",
+    "torch.distributed.fsdp",
+    "torch.distributed.optim",
+)
+
+
+def _import_modules_binding_the_default_group() -> None:
+    for name in MODULES_BINDING_THE_DEFAULT_GROUP:
+        importlib.import_module(name)
 
 
 def _first_line(exc: BaseException) -> str:

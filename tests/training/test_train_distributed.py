@@ -5,6 +5,7 @@ the setup cannot make one run."""
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -231,3 +232,30 @@ def test_a_dead_rank_stops_the_other_and_keeps_the_checkpoint(tiny_models, tmp_p
     assert "another process stopped or did not answer within 30 s" in err
     assert "The last checkpoint in" in err and "is intact" in err
     assert 0 < checkpoint(tmp_path)["step"] < 400
+
+
+# The trainer's own main(), then the names of the threads still running before the interpreter's exit.
+MAIN_THEN_THREADS = """
+import os, sys
+from lumina_turbo.training.cli import main
+code = main(sys.argv[1:])
+names = {open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")}
+print("threads left:", sorted(names))
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from /proc")
+def test_a_finished_run_leaves_no_backend_threads_for_the_exit(tiny_models, tmp_path):
+    """ComfyUI's model code imports torch modules that bind the default process group as an argument
+    default; had they bound the live group, gloo's threads would outlive destroy_process_group and the
+    interpreter's exit could abort a finished run (seen as SIGABRT under load)."""
+    write_data(tmp_path / "data")
+    toml = tmp_path / "t.toml"
+    toml.write_text(runs.example_toml())
+    ranks = runs.start_ranks([toml, toml], program=[sys.executable, "-c", MAIN_THEN_THREADS])
+    for process in ranks:
+        out, err = process.communicate(timeout=240)
+        assert process.returncode == 0, err[-3000:]
+        left = out.split("threads left:")[-1]
+        assert "gloo" not in left, left
