@@ -36,6 +36,9 @@ from .schedules import check_sigmas, check_steps
 START_SHIFT_FACTORS = (1 / 3, 1 / 2, 1.0, 2.0, 3.0)
 MIN_INTERVAL = 1e-4  # of a fitted schedule: no interior sigma at (or rounded to) 0
 REFERENCE_STEPS = 64  # midpoint intervals of the fine-step reference solve (2 calls each)
+# Settling from a last iterate that wandered this far above the best one (validation error) would refine
+# the wander: the settling starts from the best iterate instead.
+SETTLE_FROM_BEST_ABOVE = 1.25
 
 
 def reference_solution(denoise, noise: torch.Tensor, steps: int = REFERENCE_STEPS, chunk: int | None = None):
@@ -158,10 +161,11 @@ def fit_sampler(
     ``seed + 1``, ...: other splits and draws) and keeps the one with the lowest error on all the calibration
     noise; on flows with sharp modes one fit can settle far from another, and this costs ``restarts`` times
     the fit. ``settle_iterations``: that many more iterations after ``iterations`` at the learning rate the
-    cosine ended on (1/20 of the start); the first ``iterations`` are unchanged by them, so the fit can only
-    end at or below its error without them on the validation split. Where the fits of one model land far
-    apart from seed to seed (sharp modes), the corrections settle there where a longer cosine, which spends
-    its extra iterations at high rates, did not. ``progress(done, total)`` is called once per iteration.
+    cosine ended on (1/20 of the start), from the last iterate or, if that one's validation error is over
+    ``SETTLE_FROM_BEST_ABOVE`` times the best one's, from the best; the first ``iterations`` are unchanged
+    by them, so the fit can only end at or below its error without them on the validation split. Where the
+    fits of one model land far apart from seed to seed (sharp modes), the corrections settle there where a
+    longer cosine, which spends its extra iterations at high rates, did not. ``progress(done, total)`` is called once per iteration.
 
     The returned sampler's ``report`` holds the calibration (optimised part), validation, whole-noise
     (``noise_error``, what restarts are chosen by) and starting errors and the cost: model calls and sample
@@ -310,8 +314,13 @@ def fit_sampler(
     start_calibration = evaluate(calibration)
     best = (logits.detach().clone(), corrections.detach().clone(), 0)
     undone = 0
+    last_validation = best_validation
+    settled_from_best = False
     total_iterations = iterations + settle_iterations
     for iteration in range(1, total_iterations + 1):
+        if iteration == iterations + 1 and last_validation > SETTLE_FROM_BEST_ABOVE * best_validation:
+            _restore(best, logits, corrections)
+            settled_from_best = True
         optimizer.zero_grad(set_to_none=True)
         errors = []
         batch = calibration
@@ -367,7 +376,7 @@ def fit_sampler(
                 torch.nn.utils.clip_grad_norm_([parameter], max_norm=1.0)
         optimizer.step()
         scheduler.step()
-        validation_error = evaluate(validation)
+        validation_error = last_validation = evaluate(validation)
         if math.isfinite(validation_error) and validation_error < best_validation:
             best_validation = validation_error
             best = (logits.detach().clone(), corrections.detach().clone(), iteration)
@@ -403,6 +412,7 @@ def fit_sampler(
         "best_iteration": best[2],
         "iterations": iterations,
         "settle_iterations": settle_iterations,
+        "settled_from_best": settled_from_best,
         "undone_steps": undone,
         "seed": int(seed),
         "reference_cost": reference_cost,

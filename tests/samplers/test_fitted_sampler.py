@@ -421,3 +421,14 @@ def test_settle_iterations_extend_the_fit_and_end_no_worse(flow):
     assert seen[-1] == (35, 35) and len(seen) == 35  # two probes of 5, then 15 + 10
     again = fit(settle_iterations=10)
     assert torch.equal(again.corrections, settled.corrections) and torch.equal(again.sigmas, settled.sigmas)
+
+
+def test_settling_starts_from_the_best_iterate_when_the_last_one_wandered_off(flow):
+    # learning rates far above the defaults make the last iterate wander from the best one
+    wandering = dict(iterations=20, seed=0, learning_rate=1.0, correction_step=8.0)
+    plain = _fit(flow, 5, "multistep3", "bespoke", **wandering)
+    settled = _fit(flow, 5, "multistep3", "bespoke", settle_iterations=3, **wandering)
+    assert settled.report["settled_from_best"] and not plain.report["settled_from_best"]
+    assert settled.report["validation_error"] <= plain.report["validation_error"]
+    gentle = _fit(flow, 5, "multistep3", "bespoke", iterations=20, seed=0, settle_iterations=3)
+    assert not gentle.report["settled_from_best"]
