@@ -79,7 +79,7 @@ def _mean_relative(x, reference) -> float:
     return float(relative_error(x.to(torch.float64), reference).mean())
 
 
-def _builtin_errors(mixture, noise, reference, schedulers, samplers, shift) -> dict:
+def _builtin_errors(mixture, noise, reference, schedulers, samplers, shift, budgets=NFE_BUDGETS) -> dict:
     """(scheduler, sampler) -> NFE budget -> error, at one shift."""
     import comfy.samplers
 
@@ -95,7 +95,7 @@ def _builtin_errors(mixture, noise, reference, schedulers, samplers, shift) -> d
             return comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).to(torch.float64)
 
         for name, sampler in samplers.items():
-            for budget in NFE_BUDGETS:
+            for budget in budgets:
                 steps, sigmas = _largest_schedule(sampler, make, budget)
                 if steps is None:
                     continue
@@ -115,7 +115,9 @@ def _best(errors: dict, budget: int) -> tuple[str, float]:
     return min(pairs, key=lambda pair: pair[1])
 
 
-def _fit(mixture, calibration, held_out, reference, fresh, shift, budget, solver, fit, seed) -> dict:
+def _fit(
+    mixture, calibration, held_out, reference, fresh, shift, budget, solver, fit, seed, settle_iterations=0
+) -> dict:
     from lumina_turbo.benchmarks.exact_flow import make_denoiser
     from lumina_turbo.samplers.fitted_sampler import CALLS_PER_INTERVAL
     from lumina_turbo.samplers.fitting import fit_sampler
@@ -139,6 +141,7 @@ def _fit(mixture, calibration, held_out, reference, fresh, shift, budget, solver
         seed=seed,
         iterations=ITERATIONS,
         samples_per_iteration=SAMPLES_PER_ITERATION,
+        settle_iterations=settle_iterations,
     )
     seconds = time.perf_counter() - began
     calls = {"count": 0}
@@ -161,6 +164,7 @@ def _fit(mixture, calibration, held_out, reference, fresh, shift, budget, solver
         "fresh_error": fresh_error,
         "fresh_over_calibration": fresh_error / report["calibration_error"],
         "best_iteration": report["best_iteration"],
+        "settled_from_best": report["settled_from_best"],
         "euler_at_final": fitted.euler_at_final,
         "reference_sample_calls": report["reference_cost"]["samples"],
         "fit_sample_calls": report["fit_cost"]["samples"],
@@ -181,9 +185,9 @@ def _worker_setup(shared: dict | None = None) -> None:
     _SHARED.update(shared or {})
 
 
-def _mixture_baselines(mixture_name: str) -> dict:
+def _mixture_baselines(job: tuple[str, tuple[int, ...]]) -> dict:
     """One mixture's noise sets (held-out with exact endpoints, fresh with the fit's kind of reference) and
-    the built-in pairs' errors at every shift."""
+    the built-in pairs' errors at every shift and budget of ``job`` (mixture name, budgets)."""
     import comfy.samplers
 
     from lumina_turbo.benchmarks.bench_schedules import MIXTURES
@@ -191,6 +195,7 @@ def _mixture_baselines(mixture_name: str) -> dict:
     from lumina_turbo.patches.stock_lists import SCHEDULER_NAMES as OURS
     from lumina_turbo.samplers.fitting import reference_solution as fitted_reference
 
+    mixture_name, budgets = job
     schedulers = [name for name in comfy.samplers.SCHEDULER_NAMES if name not in OURS]
     samplers = _builtin_samplers()
     mixture = make_mixture(**MIXTURES[mixture_name])
@@ -204,7 +209,7 @@ def _mixture_baselines(mixture_name: str) -> dict:
     # scored against the fit's own kind of reference, as its calibration error is
     fresh = {"noise": fresh_noise, "reference": fitted_reference(make_denoiser(mixture), fresh_noise)}
     by_shift = {
-        shift: _builtin_errors(mixture, held_out, reference, schedulers, samplers, shift)
+        shift: _builtin_errors(mixture, held_out, reference, schedulers, samplers, shift, budgets)
         for shift in sorted(set(HINDSIGHT_SHIFTS) | set(OWN_SHIFTS))
     }
     return {"held_out": held_out, "reference": reference, "fresh": fresh, "by_shift": by_shift}
@@ -215,7 +220,7 @@ def _fit_task(task: tuple) -> tuple:
     from lumina_turbo.benchmarks.bench_schedules import MIXTURES
     from lumina_turbo.benchmarks.exact_flow import make_mixture
 
-    mixture_name, own_shift, budget, solver, fit, seed = task
+    mixture_name, own_shift, budget, solver, fit, seed, settle_iterations = task
     mixture = make_mixture(**MIXTURES[mixture_name])
     calibration = torch.randn(
         CALIBRATION_SAMPLES[budget],
@@ -235,40 +240,55 @@ def _fit_task(task: tuple) -> tuple:
         solver,
         fit,
         seed,
+        settle_iterations,
     )
     assert result["nfe"] <= budget, (solver, fit, budget, result["nfe"])
     return task, result
 
 
-def _fitted_variants():
-    """(solver, fit, seed) of every fitted variant, in the table's order."""
-    for solver, fit in FITTED:
-        for seed in SEEDS if (solver, fit) == DEFAULT else SEEDS[:1]:
-            yield solver, fit, seed
+def fitted_variants() -> list[tuple]:
+    """(solver, fit, seed, settle_iterations) of the schedules benchmark's fitted variants, in its table's order."""
+    return [
+        (solver, fit, seed, 0)
+        for solver, fit in FITTED
+        for seed in (SEEDS if (solver, fit) == DEFAULT else SEEDS[:1])
+    ]
 
 
-def _fit_tasks(names) -> list[tuple]:
-    """Every (mixture, own shift, budget, solver, fit, seed), the costliest first so the workers end together."""
+def variant_label(solver: str, fit: str, seed: int, settle_iterations: int) -> str:
+    settled = f"/settle {settle_iterations}" if settle_iterations else ""
+    return f"{solver}/{fit}{settled}/seed {seed}"
+
+
+def _fit_tasks(names, budgets, variants) -> list[tuple]:
+    """Every (mixture, own shift, budget, *variant), the costliest first so the workers end together."""
     from lumina_turbo.benchmarks.bench_schedules import MIXTURES
 
     tasks = [
-        (name, own_shift, budget, solver, fit, seed)
+        (name, own_shift, budget, *variant)
         for name in names
         for own_shift in OWN_SHIFTS
-        for budget in NFE_BUDGETS
-        for solver, fit, seed in _fitted_variants()
+        for budget in budgets
+        for variant in variants
     ]
-    return sorted(tasks, key=lambda task: -MIXTURES[task[0]]["dim"] * task[2] * CALIBRATION_SAMPLES[task[2]])
+
+    def cost(task):
+        settle_iterations = task[6]
+        return (
+            MIXTURES[task[0]]["dim"] * task[2] * CALIBRATION_SAMPLES[task[2]] * (1 + settle_iterations / 400)
+        )
+
+    return sorted(tasks, key=lambda task: -cost(task))
 
 
-def _models(names, baselines: dict, fits: dict) -> list[dict]:
+def _models(names, baselines: dict, fits: dict, budgets, variants) -> list[dict]:
     """Per model (mixture x own shift): per budget the best built-in pairs and every fitted variant's result."""
     models = []
     for name in names:
         by_shift = baselines[name]["by_shift"]
         for own_shift in OWN_SHIFTS:
             model = {"mixture": name, "own_shift": own_shift, "budgets": {}}
-            for budget in NFE_BUDGETS:
+            for budget in budgets:
                 own_pair, own_error = _best(by_shift[own_shift], budget)
                 hindsight = min(
                     (
@@ -283,33 +303,36 @@ def _models(names, baselines: dict, fits: dict) -> list[dict]:
                     "best_hindsight": {"pair": hindsight[0], "error": hindsight[1]},
                     "fitted": {},
                 }
-                for solver, fit, seed in _fitted_variants():
-                    result = fits[(name, own_shift, budget, solver, fit, seed)]
+                for variant in variants:
+                    result = fits[(name, own_shift, budget, *variant)]
                     result["over_own_shift"] = result["held_out_error"] / own_error
                     result["over_hindsight"] = result["held_out_error"] / hindsight[1]
-                    entry["fitted"][f"{solver}/{fit}/seed {seed}"] = result
+                    entry["fitted"][variant_label(*variant)] = result
                 model["budgets"][budget] = entry
             models.append(model)
     return models
 
 
-def run() -> dict:
-    """Every model x budget: built-in errors (own shift, hindsight) and the fitted variants' errors.
+def run(budgets: tuple[int, ...] = NFE_BUDGETS, variants: list[tuple] | None = None) -> dict:
+    """Every model x budget: built-in errors (own shift, hindsight) and the fitted variants' errors
+    (``variants``: (solver, fit, seed, settle_iterations); None: the schedules benchmark's).
 
     WORKERS spawned processes (one CPU thread each) compute each mixture's noise sets and built-in errors,
     then take the fits one at a time, so the largest mixture does not leave the other workers idle."""
     from lumina_turbo.benchmarks.bench_schedules import MIXTURES
 
     names = list(MIXTURES)
+    variants = variants or fitted_variants()
     context = multiprocessing.get_context("spawn")
     with context.Pool(min(WORKERS, len(names)), initializer=_worker_setup) as pool:
-        baselines = dict(zip(names, pool.map(_mixture_baselines, names, chunksize=1), strict=True))
+        jobs = [(name, tuple(budgets)) for name in names]
+        baselines = dict(zip(names, pool.map(_mixture_baselines, jobs, chunksize=1), strict=True))
     shared = {
         name: {key: value for key, value in b.items() if key != "by_shift"} for name, b in baselines.items()
     }
     with context.Pool(WORKERS, initializer=_worker_setup, initargs=(shared,)) as pool:
-        fits = dict(pool.imap_unordered(_fit_task, _fit_tasks(names)))
-    models = _models(names, baselines, fits)
+        fits = dict(pool.imap_unordered(_fit_task, _fit_tasks(names, budgets, variants)))
+    models = _models(names, baselines, fits, budgets, variants)
     return {"models": models, "summary": _summary(models), "table": _table(models)}
 
 
@@ -318,15 +341,16 @@ def _geomean(values) -> float:
     return math.exp(sum(math.log(max(v, 1e-300)) for v in values) / len(values))
 
 
-def _variants(models) -> list[str]:
-    return list(models[0]["budgets"][NFE_BUDGETS[0]]["fitted"])
+def _budgets(models) -> list[int]:
+    return list(models[0]["budgets"])
 
 
 def _summary(models) -> dict:
     summary = {}
-    for variant in _variants(models):
+    budgets = _budgets(models)
+    for variant in models[0]["budgets"][budgets[0]]["fitted"]:
         per_budget = {}
-        for budget in NFE_BUDGETS:
+        for budget in budgets:
             fits = [m["budgets"][budget]["fitted"][variant] for m in models]
             per_budget[budget] = {
                 "over_own_shift_geomean": _geomean(f["over_own_shift"] for f in fits),
@@ -345,6 +369,7 @@ def _summary(models) -> dict:
 
 def _table(models) -> str:
     summary = _summary(models)
+    budgets = _budgets(models)
     lines = [
         f"Fitted samplers on exact flows ({len(models) // len(OWN_SHIFTS)} mixtures x own shift "
         f"{' and '.join(f'{s:g}' for s in OWN_SHIFTS)} = {len(models)} models), held-out noise, mean relative "
@@ -354,14 +379,14 @@ def _table(models) -> str:
         f"shifts {', '.join(f'{s:g}' for s in HINDSIGHT_SHIFTS)}. Targets: own <= 0.5 at NFE 4-10 and < 1 at "
         "16; hindsight <= 1.",
         "",
-        "| fitted variant | vs | " + " | ".join(f"NFE {n}" for n in NFE_BUDGETS) + " |",
-        "|---|---|" + "---:|" * len(NFE_BUDGETS),
+        "| fitted variant | vs | " + " | ".join(f"NFE {n}" for n in budgets) + " |",
+        "|---|---|" + "---:|" * len(budgets),
     ]
     for variant, per_budget in summary.items():
         for key, label in (("over_own_shift", "own shift"), ("over_hindsight", "hindsight")):
             cells = [
                 f"{per_budget[n][key + '_geomean']:.2f} ({per_budget[n][key + '_worst']:.2f})"
-                for n in NFE_BUDGETS
+                for n in budgets
             ]
             lines.append(f"| {variant} | {label} | " + " | ".join(cells) + " |")
     lines += [
@@ -371,30 +396,28 @@ def _table(models) -> str:
         f"reference); the same with the {HELD_OUT_SAMPLES} held-out noises above (exact reference); fit "
         "cost in sample evaluations (reference + fit forward passes; backward passes not counted)",
         "",
-        "| fitted variant | " + " | ".join(f"NFE {n}" for n in NFE_BUDGETS) + " | mean fit seconds |",
-        "|---|" + "---:|" * (len(NFE_BUDGETS) + 1),
+        "| fitted variant | " + " | ".join(f"NFE {n}" for n in budgets) + " | mean fit seconds |",
+        "|---|" + "---:|" * (len(budgets) + 1),
     ]
     for variant, per_budget in summary.items():
         cells = [
             f"{per_budget[n]['fresh_over_calibration_worst']:.2f}; "
             f"{per_budget[n]['held_out_over_calibration_worst']:.2f}; {per_budget[n]['fit_sample_calls'] / 1e6:.1f} M"
-            for n in NFE_BUDGETS
+            for n in budgets
         ]
-        seconds = sum(per_budget[n]["fit_seconds_mean"] for n in NFE_BUDGETS) / len(NFE_BUDGETS)
+        seconds = sum(per_budget[n]["fit_seconds_mean"] for n in budgets) / len(budgets)
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {seconds:.1f} |")
     lines += [
         "",
         "Final interval, as each fit chose it on validation: fits (of "
         f"{len(models)} per cell) whose last step to sigma 0 is Euler (x = D) rather than extrapolated",
         "",
-        "| fitted variant | " + " | ".join(f"NFE {n}" for n in NFE_BUDGETS) + " |",
-        "|---|" + "---:|" * len(NFE_BUDGETS),
+        "| fitted variant | " + " | ".join(f"NFE {n}" for n in budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
     ]
     for variant, per_budget in summary.items():
         lines.append(
-            f"| {variant} | "
-            + " | ".join(str(per_budget[n]["euler_at_final_fits"]) for n in NFE_BUDGETS)
-            + " |"
+            f"| {variant} | " + " | ".join(str(per_budget[n]["euler_at_final_fits"]) for n in budgets) + " |"
         )
     lines += [
         "",
@@ -404,7 +427,7 @@ def _table(models) -> str:
         "|---|---:|---|---:|---|---:|",
     ]
     for m in models:
-        entry = m["budgets"][8] if 8 in m["budgets"] else m["budgets"][NFE_BUDGETS[0]]
+        entry = m["budgets"][8] if 8 in m["budgets"] else m["budgets"][budgets[0]]
         own, hind = entry["best_own_shift"], entry["best_hindsight"]
         lines.append(
             f"| {m['mixture']} | {m['own_shift']:g} | {own['pair']} | {own['error']:.4f} "
