@@ -21,15 +21,18 @@ def run() -> dict:
     default = [v for v in fitted.fitted_variants() if v[:2] == fitted.DEFAULT]
     variants = [(*v[:3], settle) for settle in (0, SETTLE_ITERATIONS) for v in default]
     result = fitted.run(BUDGETS, variants)
-    result["table"] += "\n\n" + _per_fit_table(result["models"], default, fitted.variant_label)
+    result["table"] += "\n\n" + _per_fit_table(result["models"], default)
     return result
 
 
-def _per_fit_table(models, default, label) -> str:
+def _per_fit_table(models, default) -> str:
+    from lumina_turbo.benchmarks.fitted_exact_flow import variant_label as label
+    from lumina_turbo.samplers.fitting import SETTLE_FROM_BEST_ABOVE
+
     lines = [
         "Per model and budget: each seed's fitted error / the best built-in pair's at the model's shift, plain and "
         f"settled ({SETTLE_ITERATIONS} more iterations; * = the settling started from the best iterate, the last "
-        "one being over 1.25x worse on validation)",
+        f"one being over {SETTLE_FROM_BEST_ABOVE:g}x worse on validation)",
         "",
         "| mixture | own shift | NFE | plain, seeds "
         + ", ".join(str(v[2]) for v in default)

@@ -273,10 +273,8 @@ def _fit_tasks(names, budgets, variants) -> list[tuple]:
     ]
 
     def cost(task):
-        settle_iterations = task[6]
-        return (
-            MIXTURES[task[0]]["dim"] * task[2] * CALIBRATION_SAMPLES[task[2]] * (1 + settle_iterations / 400)
-        )
+        iterations = ITERATIONS + task[6]  # plus its settling ones
+        return MIXTURES[task[0]]["dim"] * task[2] * CALIBRATION_SAMPLES[task[2]] * iterations
 
     return sorted(tasks, key=lambda task: -cost(task))
 

@@ -165,7 +165,8 @@ def fit_sampler(
     ``SETTLE_FROM_BEST_ABOVE`` times the best one's, from the best; the first ``iterations`` are unchanged
     by them, so the fit can only end at or below its error without them on the validation split. Where the
     fits of one model land far apart from seed to seed (sharp modes), the corrections settle there where a
-    longer cosine, which spends its extra iterations at high rates, did not. ``progress(done, total)`` is called once per iteration.
+    longer cosine, which spends its extra iterations at high rates, did not. ``progress(done, total)`` is
+    called once per iteration.
 
     The returned sampler's ``report`` holds the calibration (optimised part), validation, whole-noise
     (``noise_error``, what restarts are chosen by) and starting errors and the cost: model calls and sample

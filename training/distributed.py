@@ -233,7 +233,8 @@ def start(env: Mapping[str, str] = os.environ) -> Ranks:
     options = {"backend": backend, "timeout": datetime.timedelta(seconds=ranks.timeout_s)}
     if device.type == "cuda":
         options["device_id"] = device
-    _import_modules_binding_the_default_group()
+    for name in MODULES_BINDING_THE_DEFAULT_GROUP:
+        importlib.import_module(name)
     try:
         dist.init_process_group(**options)
     except Exception as exc:  # rendezvous failures come as several error types
@@ -254,11 +255,6 @@ MODULES_BINDING_THE_DEFAULT_GROUP = (
     "torch.distributed.fsdp",
     "torch.distributed.optim",
 )
-
-
-def _import_modules_binding_the_default_group() -> None:
-    for name in MODULES_BINDING_THE_DEFAULT_GROUP:
-        importlib.import_module(name)
 
 
 def _first_line(exc: BaseException) -> str:
