@@ -2,11 +2,11 @@
 
 Time convention: ComfyUI sigma (1 = noise, 0 = data).
 
-The schedules benchmark (benchmarks/fitted_exact_flow.py) scores one plain fit per model, budget and seed;
-at 8 and 10 calls a few of its fits land over 0.5x the best built-in pair, depending only on the seed. Here
-the same models, noise sets, seeds and settings (its ``run`` at these budgets) fit the default variant
-(bespoke multistep3, seeds 0-2) twice: plain, and with ``settle_iterations=SETTLE_ITERATIONS`` (the
-iterations of the plain fit, then that many at the final learning rate). Both run side by side in one run.
+The schedules benchmark (benchmarks/fitted_exact_flow.py) settles its default fits at 8 and 10 calls; this is
+the comparison behind that choice. The same models, noise sets, seeds and settings (its ``run`` at these
+budgets) fit the default variant (bespoke multistep3, seeds 0-2) twice: plain, and with
+``settle_iterations=SETTLE_ITERATIONS`` (the iterations of the plain fit, then that many at the final learning
+rate). Both run side by side in one run.
 """
 
 from __future__ import annotations

@@ -337,8 +337,10 @@ def run(budgets: tuple[int, ...] = NFE_BUDGETS, variants: list[tuple] | None = N
     variants = variants or fitted_variants()
     context = multiprocessing.get_context("spawn")
     with context.Pool(min(WORKERS, len(names)), initializer=_worker_setup) as pool:
-        jobs = [(name, tuple(budgets)) for name in names]
-        baselines = dict(zip(names, pool.map(_mixture_baselines, jobs, chunksize=1), strict=True))
+        # the largest mixture first: taken last, it kept one worker busy long after the other had ended
+        largest_first = sorted(names, key=lambda name: -MIXTURES[name]["dim"])
+        jobs = [(name, tuple(budgets)) for name in largest_first]
+        baselines = dict(zip(largest_first, pool.map(_mixture_baselines, jobs, chunksize=1), strict=True))
     shared = {
         name: {key: value for key, value in b.items() if key != "by_shift"} for name, b in baselines.items()
     }
